@@ -1,0 +1,1 @@
+"""AllDS agent: a HIAS iotJumpWay device that classifies blood-smear images over MQTT."""

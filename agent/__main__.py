@@ -1,0 +1,112 @@
+"""`python -m agent --config config/agent.yaml` (console script `allds-agent`): the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from agent.config import ConfigError, load
+from agent.service import ClassificationService
+from agent.session import MqttSession, Will
+from agent.telemetry import LifeReporter
+from agent.topics import Topics
+from model.classifier import Classifier
+
+log = logging.getLogger("allds.agent")
+DRAIN_TIMEOUT_S = 10.0
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(state.encode(), address)
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec, when it is set for this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="allds-agent", description="AllDS HIAS classification agent")
+    parser.add_argument("--config", default="config/agent.yaml", help="YAML config (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+        password = config.password()
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.logging.level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        classifier = Classifier.load(config.model_path, config.model.threads)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"model error: {config.model_path}: {exc}", file=sys.stderr)
+        return 2
+    topics = Topics.from_config(config)
+    session = MqttSession(config.broker, config.client_id, password, will=Will(topics.status, "OFFLINE"),
+                          receive_maximum=config.inference.max_inflight,
+                          outbox_size=config.telemetry.outbox_size)
+    service = ClassificationService(config, session, classifier, topics)
+    started = time.monotonic()
+
+    def agent_fields() -> dict:
+        c = service.counters
+        return {"uptime_s": round(time.monotonic() - started, 1), "model": service.classifier.name,
+                "model_version": service.classifier.version, "requests": c.requests, "diagnoses": c.diagnoses,
+                "errors": c.errors, "open_requests": service.open_requests,
+                "dropped_telemetry": session.dropped_telemetry}
+
+    life = LifeReporter(config.telemetry, lambda body: session.publish(topics.life, body, droppable=True),
+                        agent_fields)
+    service.on_life_command = life.trigger
+
+    def announce() -> None:
+        session.publish(topics.status, "ONLINE", retain=True)
+        life.trigger()
+
+    session.on_connected(announce)
+    service.start()
+    life.start()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    log.info("starting: model %s %s (%s), base topic %s, broker %s:%s", classifier.name, classifier.version,
+             classifier.path.name, topics.base, config.broker.host, config.broker.port)
+    session.start()
+    ready_sent = False
+    beat = watchdog_interval()
+    while not stop.wait(min(beat or 1.0, 1.0)):
+        if not ready_sent and session.connected.is_set():
+            sd_notify("READY=1")
+            ready_sent = True
+        if beat and service.healthy():
+            sd_notify("WATCHDOG=1")
+    log.info("stopping: finishing %d open requests", service.open_requests)
+    sd_notify("STOPPING=1")
+    drained = service.drain(DRAIN_TIMEOUT_S)
+    life.stop()
+    session.wait_acked(DRAIN_TIMEOUT_S)
+    session.stop(last=(topics.status, "OFFLINE"))
+    log.info("stopped%s", "" if drained else " (some requests left unacknowledged; the broker redelivers them)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

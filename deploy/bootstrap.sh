@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Idempotent set-up on Debian / Raspberry Pi OS: Mosquitto from Debian, a venv with requirements.txt.
+# Usage: source deploy/bootstrap.sh   (sets REPO, PY and ALLDS_DATA)
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+missing=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${missing[*]} (apt-get)" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin"
+VENV="$REPO/.venv"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+stamp="$VENV/.requirements.sha256"
+want="$(cat "$REPO/requirements.txt" "$REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: installing Python requirements into $VENV" >&2
+  "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REPO/requirements.txt"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e "$REPO"
+  echo "$want" > "$stamp"
+fi
+PY="$VENV/bin/python"
+export PATH="$VENV/bin:$PATH"
+ALLDS_DATA="${ALLDS_DATA:-$REPO/../shared/data/ALL_Aria2021}"
+ALLDS_DATA="$(cd "$ALLDS_DATA" 2>/dev/null && pwd || echo "$ALLDS_DATA")"
+export ALLDS_DATA TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"

@@ -1,0 +1,1 @@
+"""AllDS model package: networks, preprocessing, data, training, evaluation, export, inference."""

@@ -1,0 +1,133 @@
+"""`python -m model {split,train,evaluate,classify,baseline}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from model import data
+from model.classifier import CARD_NAME, DEFAULT_ARTIFACT
+
+
+def _artifact_dir(path: str | None) -> Path:
+    p = Path(path) if path else DEFAULT_ARTIFACT
+    return p if p.is_dir() else p.parent
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    root = data.data_root(args.data)
+    dataset, samples = data.load_dataset(root)
+    groups = data.duplicate_groups(samples, data.duplicate_pairs(root))
+    files = data.write_splits(dataset, samples, data.split_indices(samples, groups, args.seed))
+    for name, path in files.items():
+        print(f"{name}: {len(data.read_list(path))} images -> {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from model.baseline import run_baseline
+    from model.evaluate import evaluate_artifacts
+    from model.train import train
+
+    root = data.data_root(args.data)
+    out = train(root, args.arch, args.epochs, args.seed, args.classes, Path(args.out) if args.out else None)
+    metrics = evaluate_artifacts(out, root, args.seed)
+    _store(out, {"baseline": run_baseline(root, args.seed)})
+    print(json.dumps(metrics, indent=2))
+    print(f"artifacts written to {out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    root = data.data_root(args.data)
+    if args.cv:
+        from model.evaluate import cross_validate
+
+        cv = cross_validate(root, args.arch, args.cv, args.seed, args.epochs)
+        if args.artifact or args.arch in ("allds2020", "cellnet"):
+            _store(_artifact_dir(args.artifact) if args.artifact else DEFAULT_ARTIFACT.parent.parent / args.arch,
+                   {"cv": cv})
+        print(json.dumps({k: v for k, v in cv.items() if k != "per_fold"}, indent=2))
+        return
+    from model.evaluate import evaluate_artifacts
+
+    print(json.dumps(evaluate_artifacts(_artifact_dir(args.artifact), root, args.seed), indent=2))
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from model.classifier import Classifier
+    from model.metrics import binary_metrics, outcome, summary_line
+    from model.preprocess import ImageError, preprocess_file
+
+    root = data.data_root(args.data)
+    clf = Classifier.load(args.artifact or DEFAULT_ARTIFACT)
+    dataset, samples = data.load_dataset(root)
+    if args.split != "all":
+        samples = data.load_splits(dataset, samples, args.seed)[args.split]
+    labels, decisions = [], []
+    for s in samples:
+        try:
+            tensor = preprocess_file(root / s.path, clf.input_size)
+        except ImageError as exc:
+            logging.error("%s: %s (%s)", s.path, exc.message, exc.code)
+            continue
+        result = clf.diagnose(clf.classify(tensor[None]))[0]
+        logging.info("%s: %s (P(ALL) %.4f)", s.path, outcome(s.label, result.positive), result.p_all)
+        labels.append(s.label)
+        decisions.append(result.positive)
+    logging.info("%s", summary_line(binary_metrics(labels, decisions)))
+
+
+def cmd_baseline(args: argparse.Namespace) -> None:
+    from model.baseline import run_baseline
+
+    print(json.dumps(run_baseline(data.data_root(args.data), args.seed), indent=2))
+
+
+def _store(out_dir: Path, metrics: dict) -> None:
+    """Merge metrics into a model card."""
+    card_path = out_dir / CARD_NAME
+    card = json.loads(card_path.read_text())
+    card["metrics"] = {**card.get("metrics", {}), **metrics}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", help="data root (default: $ALLDS_DATA)")
+    common.add_argument("--seed", type=int, default=42)
+    p = sub.add_parser("split", parents=[common], help="write the leakage-free train/val/test lists")
+    p.set_defaults(func=cmd_split)
+    p = sub.add_parser("train", parents=[common], help="train, export and evaluate one network")
+    p.add_argument("--arch", choices=["allds2020", "cellnet"], required=True)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--classes", choices=["binary", "subtype"], default="binary")
+    p.add_argument("--out", help="artifact folder (default model/artifacts/NAME)")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("evaluate", parents=[common], help="score artifacts on the held-out split, or --cv")
+    p.add_argument("--artifact", help="artifact file or folder (default: the served model)")
+    p.add_argument("--cv", type=int, help="k-fold cross-validation of --arch instead")
+    p.add_argument("--arch", choices=["allds2020", "cellnet"], default="cellnet")
+    p.add_argument("--epochs", type=int)
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("classify", parents=[common], help="classify images locally, one line each")
+    p.add_argument("--artifact", help="artifact file (default: the served model)")
+    p.add_argument("--split", choices=["train", "val", "test", "all"], default="test")
+    p.set_defaults(func=cmd_classify)
+    p = sub.add_parser("baseline", parents=[common], help="colour-statistics logistic regression")
+    p.set_defaults(func=cmd_baseline)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The two architectures. Each is one flat function that reads like its table."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+
+def allds2020(n_classes: int = 2, input_size: int = 100) -> keras.Model:
+    """Thanh et al. (2018) as the original AllDS2020 Keras code built it (174,812 parameters)."""
+    return keras.Sequential(
+        [
+            keras.Input((input_size, input_size, 3)),
+            layers.ZeroPadding2D(2),
+            layers.Conv2D(30, 5, strides=1, padding="valid", activation="relu"),
+            layers.ZeroPadding2D(2),
+            layers.Conv2D(30, 5, strides=1, padding="valid", activation="relu"),
+            layers.MaxPooling2D(2, strides=2),
+            layers.Flatten(),
+            layers.Dense(n_classes),
+            layers.Softmax(),
+        ],
+        name="allds2020",
+    )
+
+
+def _conv_bn_relu(x, filters: int, strides: int = 1):
+    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.ReLU()(x)
+
+
+def cellnet(n_classes: int = 2, input_size: int = 128, dropout: float = 0.3) -> keras.Model:
+    """AllDS CellNet: stride-2 stem, five Conv3x3-BN-ReLU stages with max-pooling, GAP, dropout."""
+    inputs = keras.Input((input_size, input_size, 3))
+    x = _conv_bn_relu(inputs, 24, strides=2)  # 64x64
+    for filters in (32, 64, 112, 160):  # 64 -> 32 -> 16 -> 8 -> 4
+        x = _conv_bn_relu(x, filters)
+        x = _conv_bn_relu(x, filters)
+        x = layers.MaxPooling2D(2)(x)
+    x = _conv_bn_relu(x, 224)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(dropout)(x)
+    x = layers.Dense(n_classes)(x)
+    outputs = layers.Softmax()(x)
+    return keras.Model(inputs, outputs, name="cellnet")
+
+
+ARCHITECTURES = {"allds2020": allds2020, "cellnet": cellnet}
+INPUT_SIZES = {"allds2020": 100, "cellnet": 128}

@@ -1,0 +1,103 @@
+"""The one preprocessing path: image bytes -> decoded RGB -> resized -> float32 in [0, 1].
+
+Training, evaluation, local classification and the agent all call `preprocess`, so the tensor a
+model sees at serving time is the one it learned from (the original project fed /255 in training
+and raw 0..255 at inference).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours (ImageLimits), checked on the header
+
+# OpenCV reduced decoders: the JPEG decoder scales in the DCT domain, so a 2592x1944 field decodes
+# at 1/8 for roughly half the cost of a full decode.
+_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                  8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+_JPEG_END = b"\xff\xd9"
+_JPEG_TAIL = 4096  # encoders may pad after the end-of-image marker
+
+
+class ImageError(ValueError):
+    """An image the project refuses, with a wire error code (`not_an_image`, `image_too_large`...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an accepted image may be; the agent's config fills these in."""
+
+    max_pixels: int = 50_000_000
+    min_side: int = 8
+    max_aspect_ratio: float = 20.0
+
+
+def read_header(data: bytes) -> tuple[int, int, str]:
+    """Return (width, height, format) from the image header without decoding the pixels."""
+    if not data:
+        raise ImageError("empty_payload", "the payload is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                return img.width, img.height, img.format or "unknown"
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "not a recognised image format") from None
+    except Exception as exc:  # noqa: BLE001 - hostile bytes make header parsers fail in many ways
+        raise ImageError("not_an_image", f"unreadable image header: {type(exc).__name__}") from None
+
+
+def reduction_factor(width: int, height: int, target: int) -> int:
+    """Largest OpenCV reduction (1, 2, 4, 8) that keeps the short side at or above `target`."""
+    short = min(width, height)
+    return max((f for f in _REDUCED_FLAGS if short // f >= target), default=1)
+
+
+def preprocess(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Decode image bytes into a `size`x`size`x3 RGB float32 tensor in [0, 1].
+
+    Raises `ImageError` for anything that is not an acceptable image.
+    """
+    width, height, fmt = read_header(data)
+    if width * height > limits.max_pixels:
+        raise ImageError("image_too_large",
+                         f"{fmt} image of {width}x{height} exceeds {limits.max_pixels} pixels")
+    if min(width, height) < limits.min_side:
+        raise ImageError("image_too_small",
+                         f"{fmt} image of {width}x{height} is under {limits.min_side} px on a side")
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise ImageError("bad_aspect_ratio",
+                         f"{fmt} image of {width}x{height} exceeds aspect ratio {limits.max_aspect_ratio}")
+    if fmt == "JPEG" and _JPEG_END not in data[-_JPEG_TAIL:]:
+        raise ImageError("not_an_image", f"truncated JPEG of {width}x{height}: no end-of-image marker")
+    flag = _REDUCED_FLAGS[reduction_factor(width, height, size)]
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except cv2.error:
+        bgr = None
+    if bgr is None or bgr.size == 0:
+        raise ImageError("not_an_image", f"{fmt} image of {width}x{height} could not be decoded")
+    if bgr.dtype != np.uint8:  # some decoders keep 16-bit depth even with IMREAD_COLOR
+        bgr = cv2.convertScaleAbs(bgr, alpha=255.0 / np.iinfo(bgr.dtype).max)
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    return rgb.astype(np.float32) / np.float32(255.0)
+
+
+def preprocess_file(path: str | Path, size: int, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """`preprocess` applied to a file's bytes (the training and evaluation entry point)."""
+    return preprocess(Path(path).read_bytes(), size, limits)

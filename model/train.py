@@ -1,0 +1,140 @@
+"""Training: leakage-free split -> on-the-fly augmentation -> fit -> operating point -> export."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.metrics import roc_curve
+from sklearn.utils.class_weight import compute_class_weight
+from tqdm.keras import TqdmCallback
+
+from model import data
+from model.augment import build_augmenter
+from model.classifier import file_sha256
+from model.export import export, flops, library_versions, write_card
+from model.networks import ARCHITECTURES, INPUT_SIZES
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+MIN_SENSITIVITY = 0.98
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How an architecture is trained."""
+
+    learning_rate: float
+    weight_decay: float
+    epochs: int
+    patience: int
+    colour_jitter: bool
+    batch_size: int = 32
+
+
+RECIPES = {
+    # The paper's network with the paper's augmentation set; Adam at a small rate is what kept
+    # it from collapsing to one class.
+    "allds2020": Recipe(learning_rate=1e-4, weight_decay=0.0, epochs=40, patience=8, colour_jitter=False),
+    "cellnet": Recipe(learning_rate=2e-3, weight_decay=1e-4, epochs=40, patience=10, colour_jitter=True),
+}
+
+
+def class_names(classes: str) -> list[str]:
+    """Output classes for `binary` or `subtype` training."""
+    return list(data.BINARY_CLASSES) if classes == "binary" else list(data.ARIA_CLASSES)
+
+
+def targets(samples: list[data.Sample], classes: str) -> np.ndarray:
+    """Integer class index per sample."""
+    if classes == "binary":
+        return np.array([s.label for s in samples])
+    return np.array([data.ARIA_CLASSES.index(s.subtype) for s in samples])
+
+
+def fit(arch: str, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+        n_classes: int, seed: int, epochs: int | None = None) -> tuple[keras.Model, dict]:
+    """Train one network from scratch; returns the best-on-validation model and its history."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    recipe = RECIPES[arch]
+    epochs = epochs or recipe.epochs
+    model = ARCHITECTURES[arch](n_classes=n_classes)
+    steps = int(np.ceil(len(x_train) / recipe.batch_size)) * epochs
+    schedule = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, decay_steps=max(steps, 1))
+    optimizer = (keras.optimizers.AdamW(schedule, weight_decay=recipe.weight_decay) if recipe.weight_decay
+                 else keras.optimizers.Adam(schedule))
+    model.compile(optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    augmenter = build_augmenter(seed, colour_jitter=recipe.colour_jitter)
+    train_ds = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
+                .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
+                .batch(recipe.batch_size)
+                .map(lambda x, y: (augmenter(x, training=True), y))
+                .prefetch(2))
+    weights = compute_class_weight("balanced", classes=np.arange(n_classes), y=y_train)
+    history = model.fit(
+        train_ds, validation_data=(x_val, y_val), epochs=epochs, verbose=0,
+        class_weight=dict(enumerate(weights.tolist())),
+        callbacks=[keras.callbacks.EarlyStopping("val_loss", patience=recipe.patience,
+                                                 restore_best_weights=True),
+                   TqdmCallback(verbose=1)],
+    )
+    return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+def choose_threshold(y_true: np.ndarray, p_all: np.ndarray, min_sensitivity: float = MIN_SENSITIVITY) -> float:
+    """Highest threshold on P(ALL) whose sensitivity on these labels reaches `min_sensitivity`."""
+    fpr, tpr, thresholds = roc_curve(y_true, p_all)
+    index = int(np.argmax(tpr >= min_sensitivity))
+    return float(min(thresholds[index], 1.0))
+
+
+def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, out_dir: Path | None = None) -> Path:
+    """Train, pick the operating point on validation, export the artifacts and write the card."""
+    dataset, samples = data.load_dataset(root)
+    splits = data.load_splits(dataset, samples, seed)
+    size = INPUT_SIZES[arch]
+    x = {k: data.load_images(root, v, size) for k, v in splits.items() if k != "test"}
+    y = {k: targets(v, classes) for k, v in splits.items()}
+    names = class_names(classes)
+    model, history = fit(arch, x["train"], y["train"], x["val"], y["val"], len(names), seed, epochs)
+    p_val = 1.0 - model(x["val"], training=False).numpy()[:, names.index("Benign")]
+    threshold = choose_threshold(np.array([s.label for s in splits["val"]]), p_val)
+    name = arch if classes == "binary" else f"{arch}_{classes}"
+    out_dir = out_dir or ARTIFACTS / name
+    model.name = name  # artifact file names follow the model name
+    rng = np.random.default_rng(seed)
+    representative = x["train"][rng.choice(len(x["train"]), min(200, len(x["train"])), replace=False)]
+    paths = export(model, out_dir, representative)
+    (out_dir / "history.json").write_text(json.dumps(history) + "\n")
+    split_files = {k: data.split_dir(dataset) / f"{k}.txt" for k in ("train", "val", "test")}
+    card = {
+        "name": name,
+        "version": dt.date.today().isoformat(),
+        "architecture": arch,
+        "classes": names,
+        "positive_classes": [c for c in names if c != "Benign"],
+        "input_size": size,
+        "preprocessing": {"function": "model.preprocess.preprocess", "colour": "RGB",
+                          "resize": "cv2.INTER_AREA", "scale": "1/255 to float32 [0, 1]",
+                          "reduced_decode": "IMREAD_REDUCED_COLOR_{2,4,8} while the short side stays >= input"},
+        "threshold": threshold,
+        "operating_point": f"highest P(ALL) threshold with validation sensitivity >= {MIN_SENSITIVITY}",
+        "parameters": int(model.count_params()),
+        "gflops": round(flops(model) / 1e9, 4),
+        "data": {"dataset": dataset, "root": root.name,
+                 "splits": {k: {"file": str(p.relative_to(data.REPO)), "images": len(splits[k]),
+                                "sha256": file_sha256(p)} for k, p in split_files.items() if p.exists()}},
+        "training": {"command": "python -m model " + shlex.join(sys.argv[1:]), "seed": seed,
+                     "recipe": RECIPES[arch].__dict__, "epochs_run": len(history["loss"]),
+                     "best_val_loss": min(history["val_loss"]), "libraries": library_versions()},
+    }
+    write_card(out_dir, card, paths)
+    return out_dir
+

@@ -1,0 +1,175 @@
+"""The agent against a real Mosquitto: HIAS Status/Life/Sensors/Commands, both request forms,
+every error code, config errors, and a replay of real images."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import BASE, REPO, Client
+
+STATUS, LIFE, INFERENCE = f"{BASE}/Status", f"{BASE}/Life", f"{BASE}/Inference"
+DIAGNOSIS, SENSORS, COMMANDS = f"{BASE}/Diagnosis", f"{BASE}/Sensors", f"{BASE}/Commands"
+
+
+@pytest.fixture
+def image(data_root) -> bytes:
+    return (data_root / "Pro" / "WBC-Malignant-Pro-089.jpg").read_bytes()
+
+
+@pytest.fixture
+def online(broker, client, start_agent):
+    agent = start_agent(broker.port)
+    assert client.expect(STATUS, 20, lambda m: m.payload == b"ONLINE")
+    return agent
+
+
+def test_status_is_retained_online_then_offline_on_sigterm(broker, client, online):
+    late = Client(broker.port).subscribe(STATUS)  # a late subscriber sees the retained state
+    message = late.expect(STATUS)
+    assert message.payload == b"ONLINE" and message.retain and message.qos == 1
+    late.close()
+    assert online.terminate() == 0
+    assert client.expect(STATUS, 15, lambda m: m.payload == b"OFFLINE")
+    after = Client(broker.port).subscribe(STATUS)
+    assert after.expect(STATUS).payload == b"OFFLINE"
+    after.close()
+
+
+def test_last_will_publishes_offline_after_kill_9(broker, client, online):
+    online.kill()
+    message = client.expect(STATUS, 20, lambda m: m.payload == b"OFFLINE")
+    assert message.qos == 1
+
+
+def test_life_has_numeric_hias_fields(client, online):
+    life = json.loads(client.expect(LIFE, 15).payload)
+    for key in ("CPU", "Memory", "Diskspace", "Latitude", "Longitude"):
+        assert isinstance(life[key], (int, float)) and not isinstance(life[key], bool), key
+    assert life["Temperature"] is None or isinstance(life["Temperature"], (int, float))
+    assert life["Agent"]["model"] == "cellnet"
+
+
+def test_raw_bytes_with_v5_response_topic_and_correlation(client, online, image):
+    client.client.subscribe("replies/test", qos=1)
+    time.sleep(0.2)
+    client.publish(INFERENCE, image, response_topic="replies/test", correlation=b"req-1",
+                   user=[("name", "WBC-Malignant-Pro-089.jpg")])
+    message = client.expect("replies/test")
+    reply = json.loads(message.payload)
+    assert message.properties.CorrelationData == b"req-1"
+    assert reply["id"] == "req-1" and reply["name"] == "WBC-Malignant-Pro-089.jpg"
+    assert reply["diagnosis"] in ("Positive", "Negative")
+    assert set(reply["probabilities"]) == {"Benign", "ALL"}
+    assert abs(sum(reply["probabilities"].values()) - 1) < 1e-3
+    assert 0.5 <= reply["confidence"] <= 1
+    assert set(reply["model"]) == {"name", "version", "sha256"} and len(reply["model"]["sha256"]) == 64
+    assert set(reply["timing_ms"]) == {"decode", "inference", "total"}
+    assert reply["device"] == "allds-agent" and reply["ts"].endswith("Z")
+    import hashlib
+
+    assert reply["sha256"] == hashlib.sha256(image).hexdigest()
+    sensors = json.loads(client.expect(SENSORS).payload)
+    assert sensors["Type"] == "GeniSysAI" and sensors["Sensor"] == "ALL Classifier"
+    assert sensors["Value"] == reply["diagnosis"]
+    assert sensors["Message"] == ("Acute Lymphoblastic Leukemia detected!" if reply["diagnosis"] == "Positive"
+                                  else "Acute Lymphoblastic Leukemia not detected!")
+
+
+def test_json_envelope_on_mqtt_311(broker, online, image):
+    old = Client(broker.port, v5=False).subscribe(f"{BASE}/#")
+    envelope = {"id": "env-1", "name": "cell.jpg", "image": base64.b64encode(image).decode()}
+    old.publish(INFERENCE, json.dumps(envelope))
+    reply = old.expect_json(DIAGNOSIS, id="env-1")
+    assert reply["name"] == "cell.jpg" and reply["diagnosis"] in ("Positive", "Negative")
+    old.close()
+
+
+@pytest.mark.parametrize("payload, code, request_id", [
+    (b"\x00garbage bytes, not an image", "not_an_image", "bad-1"),
+    (b"", "empty_payload", "bad-1"),
+    (b'{"id": "bad-b64", "image": "!!!not base64!!!"}', "bad_base64", "bad-b64"),
+    (b'{"id": "bad-json", "image": ', "bad_json", "bad-1"),
+    (b'{"image": 5}', "bad_request", "bad-1"),
+    (b'{"id": "not-utf8", "image": "\xff\xfe"}', "bad_json", "bad-1"),
+])
+def test_error_codes_then_keeps_serving(client, online, image, payload, code, request_id):
+    client.publish(INFERENCE, payload, correlation=b"bad-1")
+    reply = client.expect_json(DIAGNOSIS, id=request_id)
+    assert reply["error"]["code"] == code, reply
+    assert reply["error"]["message"]
+    client.publish(INFERENCE, image, correlation=b"good-after")
+    assert client.expect_json(DIAGNOSIS, id="good-after")["diagnosis"] in ("Positive", "Negative")
+
+
+def test_truncated_jpeg_and_oversized_payload(broker, client, start_agent, image):
+    start_agent(broker.port, inference={"max_payload_bytes": 100_000})
+    client.expect(STATUS, 20, lambda m: m.payload == b"ONLINE")
+    client.publish(INFERENCE, image[: len(image) // 2], correlation=b"trunc")
+    assert client.expect_json(DIAGNOSIS, id="trunc")["error"]["code"] == "not_an_image"
+    client.publish(INFERENCE, b"\xff" * 100_001, correlation=b"big")
+    assert client.expect_json(DIAGNOSIS, id="big")["error"]["code"] == "payload_too_large"
+    client.publish(INFERENCE, image, correlation=b"fine")
+    assert "diagnosis" in client.expect_json(DIAGNOSIS, id="fine")
+
+
+def test_commands_life_reload_and_errors(client, online, image):
+    client.expect(LIFE, 15)  # the one sent at connect
+    client.publish(COMMANDS, json.dumps({"From": "hias", "Type": "Life", "Value": "", "Message": ""}))
+    assert json.loads(client.expect(LIFE, 10).payload)["CPU"] >= 0
+    client.publish(COMMANDS, json.dumps({"From": "hias", "Type": "Reload", "Value": None, "Message": ""}))
+    deadline = time.monotonic() + 15
+    while "model reloaded" not in online.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "model reloaded" in online.log()
+    for bad in (b"not json", json.dumps({"Type": "Explode"}).encode(), json.dumps({"Type": 5}).encode(),
+                json.dumps(["Life"]).encode()):
+        client.publish(COMMANDS, bad)
+        assert client.expect_json(DIAGNOSIS)["error"]["code"] == "bad_command"
+    client.publish(INFERENCE, image, correlation=b"after-commands")
+    assert "diagnosis" in client.expect_json(DIAGNOSIS, id="after-commands")
+
+
+def _run_agent(config_text: str, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / "bad.yaml"
+    path.write_text(config_text)
+    return subprocess.run([sys.executable, "-m", "agent", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("text, names", [
+    ("broker: {port: nope}", "broker.port"),
+    ("broker: {host: 10.1.2.3}", "broker.tls.enabled"),
+    ("hias: {topic_root: Device}", "hias.topic_root"),
+    ("inference: {max_batch: 0}", "inference.max_batch"),
+    ("logging: {colour: true}", "logging.colour"),
+    ("broker: [", "not valid YAML"),
+])
+def test_config_errors_exit_2_with_one_line(tmp_path, text, names):
+    result = _run_agent(text, tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0] and "Traceback" not in result.stderr
+
+
+def test_replay_of_real_images(broker, client, online, data_root, tmp_path):
+    listing = tmp_path / "list.txt"
+    test_list = (REPO / "data/ALL_Aria2021/test.txt").read_text().splitlines()
+    listing.write_text("\n".join(test_list[::4][:120]) + "\n")
+    config = online.config
+    result = subprocess.run([sys.executable, "-m", "agent.replay", str(listing), "--data", str(data_root),
+                             "--config", str(config), "--json", str(tmp_path / "r.json"),
+                             "--report-dir", str(tmp_path / "report")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["images"] == 120 and report["answered"] == 120 and not report["missing"]
+    assert "Acute Lymphoblastic Leukemia correctly detected (True Positive)" in result.stdout
+    assert "sensitivity" in result.stdout and "latency ms: p50" in result.stdout
+    m = report["metrics"]
+    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == 120
