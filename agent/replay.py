@@ -31,6 +31,8 @@ from agent.topics import Topics
 from model.data import IMAGE_SUFFIXES, label_from_path, read_list
 from model.metrics import binary_metrics, outcome, summary_line
 
+REPLAY_SESSION_EXPIRY_S = 60
+
 
 @dataclass
 class Item:
@@ -81,8 +83,8 @@ def collect_images(source: Path, data_root: Path | None) -> list[Path]:
 
 
 def replay(session: MqttSession, topics: Topics, paths: list[Path], concurrency: int, timeout: float,
-           response_topic: str | None, progress: bool = True) -> Report:
-    """Publish every image, wait for each id's diagnosis (or the timeout), and score."""
+           response_topic: str | None, rate: float | None = None, progress: bool = True) -> Report:
+    """Publish every image (at most `rate` per second), wait for each id's answer (or the timeout), score."""
     run = uuid.uuid4().hex[:8]
     items = [Item(f"{run}-{n:05d}", p, label_from_path(p)) for n, p in enumerate(paths)]
     by_id = {i.id: i for i in items}
@@ -94,6 +96,7 @@ def replay(session: MqttSession, topics: Topics, paths: list[Path], concurrency:
             replies.put((time.perf_counter(), json.loads(message.payload)))
         except (ValueError, UnicodeDecodeError):
             pass
+        session.ack(message)
 
     session.subscribe(reply_topic, on_reply)
     session.start()
@@ -123,9 +126,12 @@ def replay(session: MqttSession, topics: Topics, paths: list[Path], concurrency:
             except queue.Empty:
                 return
 
-    for item in items:
+    started = time.perf_counter()
+    for n, item in enumerate(items):
         while not window.acquire(blocking=False):
             drain(0.05)
+        while rate and time.perf_counter() - started < n / rate:
+            drain(min(0.05, max(0.0, started + n / rate - time.perf_counter())))
         data = item.path.read_bytes()
         item.sent = time.perf_counter()
         pending.add(item.id)
@@ -216,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="data root for a file list (default: $ALLDS_DATA)")
     parser.add_argument("--config", default="config/agent.yaml", help="agent config: broker and topics")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    parser.add_argument("--rate", type=float, help="at most this many requests per second")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for answers")
     parser.add_argument("--response-topic", help="MQTT 5 response topic (default: the Diagnosis topic)")
     parser.add_argument("--protocol", choices=["5", "3.1.1"], help="override broker.protocol")
@@ -240,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replay-testset: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    session = MqttSession(config.broker, f"allds-replay-{uuid.uuid4().hex[:8]}", password, persistent=False)
+    # MQTT 5: a persistent session of its own, so answers sent while the broker restarts are kept.
+    session = MqttSession(config.broker, f"allds-replay-{uuid.uuid4().hex[:8]}", password,
+                          persistent=config.broker.protocol == "5", session_expiry_s=REPLAY_SESSION_EXPIRY_S)
     try:
         report = replay(session, Topics.from_config(config), paths, args.concurrency, args.timeout,
-                        args.response_topic, progress=sys.stderr.isatty())
+                        args.response_topic, args.rate, progress=sys.stderr.isatty())
     except ConnectionError as exc:
         print(f"replay-testset: {exc}", file=sys.stderr)
         return 3

@@ -32,7 +32,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from model.train import train
 
     root = data.data_root(args.data)
-    out = train(root, args.arch, args.epochs, args.seed, args.classes, Path(args.out) if args.out else None)
+    out = train(root, args.arch, args.epochs, args.seed, args.classes, Path(args.out) if args.out else None,
+                args.limit)
     metrics = evaluate_artifacts(out, root, args.seed)
     _store(out, {"baseline": run_baseline(root, args.seed)})
     print(json.dumps(metrics, indent=2))
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int)
     p.add_argument("--classes", choices=["binary", "subtype"], default="binary")
     p.add_argument("--out", help="artifact folder (default model/artifacts/NAME)")
+    p.add_argument("--limit", type=int, help="at most N images per split (smoke runs)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", parents=[common], help="score artifacts on the held-out split, or --cv")
     p.add_argument("--artifact", help="artifact file or folder (default: the served model)")

@@ -32,11 +32,11 @@ def build_augmenter(seed: int, colour_jitter: bool = True) -> keras.Sequential:
     steps = [
         layers.RandomFlip("horizontal_and_vertical", seed=seed),
         layers.RandomRotation(0.5, fill_mode="reflect", seed=seed + 1),
-        layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 2),
-        layers.RandomShear(0.15, 0.15, fill_mode="reflect", seed=seed + 3),
+        layers.RandomTranslation(0.05, 0.05, fill_mode="reflect", seed=seed + 2),
+        layers.RandomShear(0.05, 0.05, fill_mode="reflect", seed=seed + 3),
         RandomApply(layers.RandomGaussianBlur(1.0, kernel_size=3, sigma=1.0, value_range=VALUE_RANGE,
-                                              seed=seed + 4), rate=0.2, seed=seed + 5),
-        RandomApply(layers.Equalization(value_range=VALUE_RANGE), rate=0.1, seed=seed + 6),
+                                              seed=seed + 4), rate=0.1, seed=seed + 5),
+        RandomApply(layers.Equalization(value_range=VALUE_RANGE), rate=0.05, seed=seed + 6),
     ]
     if colour_jitter:
         # Hue and saturation only: brightness/contrast jitter on these mostly-white fields stalled
@@ -45,5 +45,5 @@ def build_augmenter(seed: int, colour_jitter: bool = True) -> keras.Sequential:
             layers.RandomSaturation((0.2, 0.8), value_range=VALUE_RANGE, seed=seed + 7),
             layers.RandomHue(0.5, value_range=VALUE_RANGE, seed=seed + 9),
         ]
-    steps.append(layers.RandomGrayscale(0.3 if colour_jitter else 0.1, seed=seed + 8))
+    steps.append(layers.RandomGrayscale(0.25 if colour_jitter else 0.1, seed=seed + 8))
     return keras.Sequential(steps, name="augment")

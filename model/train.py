@@ -42,7 +42,7 @@ RECIPES = {
     # The paper's network with the paper's augmentation set; Adam at a small rate is what kept
     # it from collapsing to one class.
     "allds2020": Recipe(learning_rate=1e-4, weight_decay=0.0, epochs=40, patience=8, colour_jitter=False),
-    "cellnet": Recipe(learning_rate=2e-3, weight_decay=1e-4, epochs=40, patience=10, colour_jitter=True),
+    "cellnet": Recipe(learning_rate=1e-3, weight_decay=1e-4, epochs=50, patience=12, colour_jitter=True),
 }
 
 
@@ -95,10 +95,17 @@ def choose_threshold(y_true: np.ndarray, p_all: np.ndarray, min_sensitivity: flo
     return float(min(thresholds[index], 1.0))
 
 
-def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, out_dir: Path | None = None) -> Path:
-    """Train, pick the operating point on validation, export the artifacts and write the card."""
+def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, out_dir: Path | None = None,
+          limit: int | None = None) -> Path:
+    """Train, pick the operating point on validation, export the artifacts and write the card.
+
+    `limit` keeps a seeded random subset of at most that many images per split (smoke runs).
+    """
     dataset, samples = data.load_dataset(root)
     splits = data.load_splits(dataset, samples, seed)
+    if limit:
+        rng = np.random.default_rng(seed)
+        splits = {k: [v[i] for i in sorted(rng.permutation(len(v))[:limit])] for k, v in splits.items()}
     size = INPUT_SIZES[arch]
     x = {k: data.load_images(root, v, size) for k, v in splits.items() if k != "test"}
     y = {k: targets(v, classes) for k, v in splits.items()}
@@ -128,7 +135,7 @@ def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, ou
         "operating_point": f"highest P(ALL) threshold with validation sensitivity >= {MIN_SENSITIVITY}",
         "parameters": int(model.count_params()),
         "gflops": round(flops(model) / 1e9, 4),
-        "data": {"dataset": dataset, "root": root.name,
+        "data": {"dataset": dataset, "root": root.name, "limit_per_split": limit,
                  "splits": {k: {"file": str(p.relative_to(data.REPO)), "images": len(splits[k]),
                                 "sha256": file_sha256(p)} for k, p in split_files.items() if p.exists()}},
         "training": {"command": "python -m model " + shlex.join(sys.argv[1:]), "seed": seed,

@@ -1,0 +1,27 @@
+"""Both architectures: shapes, parameter counts and compute budget."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model.export import flops
+from model.networks import allds2020, cellnet
+
+
+def test_allds2020_is_the_paper_network():
+    model = allds2020()
+    assert model.count_params() == 174_812
+    assert model.input_shape == (None, 100, 100, 3) and model.output_shape == (None, 2)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["ZeroPadding2D", "Conv2D", "ZeroPadding2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense",
+                     "Softmax"]
+    assert round(flops(model) / 1e9, 2) == 0.5
+
+
+def test_cellnet_fits_the_pi_budget():
+    model = cellnet()
+    assert model.count_params() <= 1_000_000
+    assert flops(model) <= 0.6e9
+    out = model(np.random.default_rng(0).random((3, 128, 128, 3), dtype=np.float32), training=False).numpy()
+    assert out.shape == (3, 2) and np.allclose(out.sum(1), 1, atol=1e-5)
+    assert cellnet(n_classes=4).output_shape == (None, 4)
