@@ -185,7 +185,12 @@ class MqttSession:
                 break  # stopping
             first = False
             while not self._stopping.is_set():
-                rc = self._client.loop(timeout=0.2)
+                try:
+                    rc = self._client.loop(timeout=0.2)
+                except Exception:  # noqa: BLE001 - this thread must outlive any one bad packet
+                    log.exception("network loop failed; reconnecting")
+                    self._client.disconnect()
+                    break
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     if not self._stopping.is_set():
                         log.warning("connection to %s:%s lost (%s); reconnecting",

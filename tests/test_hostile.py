@@ -1,0 +1,65 @@
+"""Hostile payloads over the wire: each gets a clear answer, memory stays bounded, serving goes on."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import cv2
+import numpy as np
+
+from tests.helpers import BASE
+from tests.test_preprocess import encode, jpeg_declaring, png_declaring
+
+INFERENCE, DIAGNOSIS, COMMANDS = f"{BASE}/Inference", f"{BASE}/Diagnosis", f"{BASE}/Commands"
+RSS_BOUND_MB = 350  # LiteRT agent (~100 MB) + max_inflight 4 x 12 MB payloads + decode buffers
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_hostile_payload_suite(broker, client, start_agent, data_root):
+    agent = start_agent(broker.port, inference={"max_inflight": 4})
+    client.expect(f"{BASE}/Status", 20, lambda m: m.payload == b"ONLINE")
+    jpeg = (data_root / "Benign/WBC-Benign-003.jpg").read_bytes()
+    cell = cv2.imread(str(data_root / "Benign/WBC-Benign-003.jpg"))
+    refused = {
+        "png-bomb": (png_declaring(60000, 60000), "image_too_large"),
+        "jpeg-bomb": (jpeg_declaring(jpeg, 60000, 60000), "image_too_large"),
+        "one-pixel": (encode(np.zeros((1, 1, 3), np.uint8)), "image_too_small"),
+        "sliver": (encode(np.zeros((8, 3000, 3), np.uint8)), "bad_aspect_ratio"),
+        "huge-envelope": (b'{"id": "x", "image": "' + b"A" * (11 * 1024 * 1024) + b'"}', "payload_too_large"),
+        "not-utf8-json": (b'{"id": "\xff\xfe", "image": ""}', "bad_json"),
+    }
+    for name, (payload, code) in refused.items():
+        client.publish(INFERENCE, payload, correlation=name.encode())
+        reply = client.expect_json(DIAGNOSIS, id=name)
+        assert reply["error"]["code"] == code, (name, reply)
+    served = {
+        "gray": encode(cv2.cvtColor(cell, cv2.COLOR_BGR2GRAY)),
+        "rgba": encode(cv2.cvtColor(cell, cv2.COLOR_BGR2BGRA)),
+        "16-bit": encode(cell.astype(np.uint16) * 257),
+    }
+    for name, payload in served.items():
+        client.publish(INFERENCE, payload, correlation=name.encode())
+        assert client.expect_json(DIAGNOSIS, id=name)["diagnosis"] in ("Positive", "Negative"), name
+    client.publish(INFERENCE, jpeg, correlation=b"big-name", user=[("name", "n" * 60_000)])  # MQTT allows 65,535
+    assert client.expect_json(DIAGNOSIS, id="big-name")["error"]["code"] == "bad_request"
+    for n in range(10):  # a flood of oversized payloads
+        client.publish(INFERENCE, b"\xff\xd8" + bytes(12 * 1024 * 1024), correlation=f"flood-{n}".encode())
+    for n in range(10):
+        assert client.expect_json(DIAGNOSIS, 30, id=f"flood-{n}")["error"]["code"] == "payload_too_large"
+    for command in ({"Type": ["Life"]}, {"Type": "Reload", "Value": 42}, {"Type": "Reload", "Value": "/no/such.tflite"}):
+        client.publish(COMMANDS, json.dumps(command))
+        assert client.expect_json(DIAGNOSIS)["error"]["code"] == "bad_command"
+    envelope = {"id": "finally", "name": "ok.jpg", "image": base64.b64encode(jpeg).decode()}
+    client.publish(INFERENCE, json.dumps(envelope))
+    assert client.expect_json(DIAGNOSIS, id="finally")["diagnosis"] in ("Positive", "Negative")
+    peak = peak_rss_mb(agent.proc.pid)
+    print(f"\nagent peak RSS {peak:.0f} MB (bound {RSS_BOUND_MB} MB)")
+    assert peak < RSS_BOUND_MB
+    assert agent.proc.poll() is None
