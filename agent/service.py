@@ -184,10 +184,10 @@ class ClassificationService:
         probabilities = clf.classify(np.stack([job.tensor for job in batch]))
         inference_ms = (time.perf_counter() - start) * 1000
         model = {"name": clf.name, "version": clf.version, "sha256": clf.sha256}
-        for job, diagnosis in zip(batch, clf.diagnose(probabilities), strict=False):
-            self._reply(job, diagnosis, model, inference_ms)
+        for job, diagnosis in zip(batch, clf.diagnose(probabilities), strict=True):
+            self._reply(job, diagnosis, model, inference_ms, len(batch))
 
-    def _reply(self, job: Job, diagnosis, model: dict, inference_ms: float) -> None:
+    def _reply(self, job: Job, diagnosis, model: dict, inference_ms: float, batch_size: int) -> None:
         req = job.request
         total_ms = (time.perf_counter() - job.received) * 1000
         body = protocol.diagnosis_reply(req, diagnosis, model,
@@ -198,8 +198,9 @@ class ClassificationService:
                              on_acked=lambda: self._finish(job))
         self.session.publish(self.topics.sensors, protocol.sensors_record(diagnosis))
         self.counters.add("diagnoses")
-        log.info("request id=%s name=%s diagnosis=%s confidence=%.4f decode_ms=%.1f inference_ms=%.1f total_ms=%.1f",
-                 req.id, req.name, diagnosis.label, diagnosis.confidence, job.decode_ms, inference_ms, total_ms)
+        log.info("request id=%s name=%s diagnosis=%s confidence=%.4f batch=%d decode_ms=%.1f inference_ms=%.1f "
+                 "total_ms=%.1f", req.id, req.name, diagnosis.label, diagnosis.confidence, batch_size, job.decode_ms,
+                 inference_ms, total_ms)
 
     def _reply_error(self, job: Job, code: str, message: str, request_id: str | None = None,
                      name: str | None = None) -> None:

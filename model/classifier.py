@@ -95,10 +95,10 @@ class Classifier:
     def diagnose(self, probabilities: np.ndarray) -> list[Diagnosis]:
         """Apply the model card's operating point to each row of probabilities."""
         results = []
-        for row, p in zip(probabilities, self.p_all(probabilities), strict=False):
+        for row, p in zip(probabilities, self.p_all(probabilities), strict=True):
             positive = bool(p >= self.threshold)
             results.append(Diagnosis(positive, float(p if positive else 1.0 - p), float(p),
-                                     {c: round(float(v), 6) for c, v in zip(self.classes, row, strict=False)}))
+                                     {c: round(float(v), 6) for c, v in zip(self.classes, row, strict=True)}))
         return results
 
 

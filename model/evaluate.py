@@ -91,7 +91,7 @@ def _plots(out_dir: Path, card: dict, labels: np.ndarray, p_all: np.ndarray, dec
     if history_path.exists():
         history = json.loads(history_path.read_text())
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, key in zip(axes, ("loss", "accuracy"), strict=False):
+        for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
             ax.plot(history[key], label="train")
             ax.plot(history[f"val_{key}"], label="validation")
             ax.set_xlabel("epoch")
