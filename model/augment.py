@@ -45,5 +45,5 @@ def build_augmenter(seed: int, colour_jitter: bool = True) -> keras.Sequential:
             layers.RandomSaturation((0.2, 0.8), value_range=VALUE_RANGE, seed=seed + 7),
             layers.RandomHue(0.5, value_range=VALUE_RANGE, seed=seed + 9),
         ]
-    steps.append(layers.RandomGrayscale(0.25 if colour_jitter else 0.1, seed=seed + 8))
+    steps.append(layers.RandomGrayscale(0.3 if colour_jitter else 0.1, seed=seed + 8))
     return keras.Sequential(steps, name="augment")

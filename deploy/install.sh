@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Install the AllDS agent as a systemd service (Raspberry Pi OS Bookworm / Debian 12; run as root).
+#   deploy/install.sh [--prefix DIR] [--no-systemd]        install or update (idempotent)
+#   deploy/install.sh --uninstall [--purge] [--prefix DIR] remove; --purge also removes config, secret, user
+# Layout (under --prefix, default /): /opt/allds (code, model, venv with the LiteRT runtime),
+# /etc/allds/agent.yaml (kept if present), /etc/allds/secret (0600, owner allds),
+# /etc/systemd/system/allds-agent.service.
+set -euo pipefail
+SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+prefix="" systemd=1 uninstall=0 purge=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) prefix="$(realpath -m "$2")"; shift 2 ;;
+    --no-systemd) systemd=0; shift ;;
+    --uninstall) uninstall=1; shift ;;
+    --purge) purge=1; shift ;;
+    *) echo "install: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" = 0 ] || { echo "install: run as root" >&2; exit 1; }
+OPT="$prefix/opt/allds" ETC="$prefix/etc/allds" UNIT="$prefix/etc/systemd/system/allds-agent.service"
+have_systemd() { [ "$systemd" = 1 ] && [ -d /run/systemd/system ]; }
+
+if [ "$uninstall" = 1 ]; then
+  if have_systemd; then systemctl disable --now allds-agent.service 2>/dev/null || true; fi
+  rm -rf "$OPT" "$UNIT"
+  if have_systemd; then systemctl daemon-reload; fi
+  if [ "$purge" = 1 ]; then
+    rm -rf "$ETC"
+    if id allds >/dev/null 2>&1; then userdel allds; fi
+  fi
+  if [ "$purge" = 1 ]; then echo "install: removed $OPT, $UNIT, $ETC and user allds"
+  else echo "install: removed $OPT and $UNIT; kept $ETC (--purge removes it)"; fi
+  exit 0
+fi
+
+missing=()
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+id allds >/dev/null 2>&1 || useradd --system --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin allds
+
+install -d -m 755 "$OPT" "$prefix/etc/systemd/system"
+install -d -m 750 -o root -g allds "$ETC"
+# Code, shipped models and docs: copied only when they differ, so a second run changes nothing.
+for part in agent model config docs; do
+  mkdir -p "$OPT/$part"
+  (cd "$SRC" && find "$part" -type f ! -path '*/__pycache__/*' ! -name '*.pyc') | while read -r f; do
+    if ! cmp -s "$SRC/$f" "$OPT/$f"; then install -D -m 644 "$SRC/$f" "$OPT/$f"; fi
+  done
+done
+for f in requirements-runtime.txt pyproject.toml; do
+  cmp -s "$SRC/$f" "$OPT/$f" || install -m 644 "$SRC/$f" "$OPT/$f"
+done
+if [ ! -x "$OPT/venv/bin/python" ]; then python3 -m venv "$OPT/venv"; fi
+want="$(sha256sum "$OPT/requirements-runtime.txt" | cut -d' ' -f1)"
+if [ "$(cat "$OPT/venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+  "$OPT/venv/bin/pip" install -q --disable-pip-version-check -r "$OPT/requirements-runtime.txt"
+  echo "$want" > "$OPT/venv/.requirements.sha256"
+fi
+[ -f "$ETC/agent.yaml" ] || install -m 640 -o root -g allds "$SRC/config/agent.yaml" "$ETC/agent.yaml"
+if [ ! -f "$ETC/secret" ]; then install -m 600 -o allds -g allds /dev/null "$ETC/secret"; fi
+chown allds:allds "$ETC/secret" && chmod 600 "$ETC/secret"
+cmp -s "$SRC/deploy/allds-agent.service" "$UNIT" || install -m 644 "$SRC/deploy/allds-agent.service" "$UNIT"
+if have_systemd; then
+  systemctl daemon-reload
+  systemctl enable --now allds-agent.service
+fi
+echo "install: AllDS agent in $OPT, config $ETC/agent.yaml, secret $ETC/secret, unit $UNIT"

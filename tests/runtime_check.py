@@ -1,0 +1,32 @@
+"""Run inside the installed Pi runtime venv (no TensorFlow): load every shipped `.tflite` with
+ai-edge-litert and check int8 against float32 on the held-out list. Prints one JSON line."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from model import data
+from model.classifier import Classifier
+
+root = Path(sys.argv[1])
+artifacts = Path("model/artifacts")
+dataset, samples = data.load_dataset(root)
+test = data.load_splits(dataset, samples)["test"]
+result = {"tensorflow_importable": importlib.util.find_spec("tensorflow") is not None,
+          "litert": importlib.metadata.version("ai-edge-litert"), "models": {}}
+for card in sorted(artifacts.glob("*/model_card.json")):
+    info = json.loads(card.read_text())
+    images = data.load_images(root, test, info["input_size"])
+    decisions = {}
+    for kind in ("float32", "int8"):
+        clf = Classifier.load(card.parent / info["artifacts"][kind]["file"])
+        p_all = np.concatenate([clf.p_all(clf.classify(images[i:i + 64])) for i in range(0, len(images), 64)])
+        decisions[kind] = p_all >= clf.threshold
+    result["models"][info["name"]] = float(np.mean(decisions["float32"] == decisions["int8"]))
+print(json.dumps(result))

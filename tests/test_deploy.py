@@ -1,0 +1,138 @@
+"""Installer (throwaway prefix), the Pi runtime venv with ai-edge-litert 1.4.0, the systemd unit,
+sd_notify, the generated config reference and the replay report files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+
+from agent.config import reference
+from tests.helpers import BASE, REPO
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every file under root with its content hash, mode, owner and mtime."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            st = path.stat()
+            state[str(path.relative_to(root))] = (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mode,
+                                                  st.st_uid, st.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    prefix = tmp_path_factory.mktemp("prefix")
+    subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--prefix", str(prefix), "--no-systemd"], check=True,
+                   capture_output=True, timeout=900)
+    return prefix
+
+
+def test_installer_lays_out_files_and_is_idempotent(installed):
+    opt, etc = installed / "opt/allds", installed / "etc/allds"
+    for path in ("agent/__main__.py", "model/artifacts/cellnet/cellnet_int8.tflite", "venv/bin/python",
+                 "requirements-runtime.txt"):
+        assert (opt / path).exists(), path
+    assert (etc / "agent.yaml").read_text() == (REPO / "config/agent.yaml").read_text()
+    secret = (etc / "secret").stat()
+    assert oct(secret.st_mode & 0o777) == "0o600"
+    import pwd
+
+    assert pwd.getpwuid(secret.st_uid).pw_name == "allds"
+    assert (installed / "etc/systemd/system/allds-agent.service").read_text() == \
+        (REPO / "deploy/allds-agent.service").read_text()
+    (etc / "agent.yaml").write_text("hias: {name: site-edited}\n")  # an operator's edit is kept
+    before = tree(installed)
+    subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--prefix", str(installed), "--no-systemd"], check=True,
+                   capture_output=True, timeout=900)
+    assert tree(installed) == before
+
+
+def test_runtime_venv_runs_the_shipped_tflite_on_litert_1_4(installed, data_root):
+    opt = installed / "opt/allds"
+    result = subprocess.run([str(opt / "venv/bin/python"), str(REPO / "tests/runtime_check.py"), str(data_root)],
+                            cwd=opt, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(opt)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["litert"] == "1.4.0" and not report["tensorflow_importable"]
+    assert set(report["models"]) >= {"cellnet", "allds2020"}
+    for name, agreement in report["models"].items():
+        assert agreement >= 0.99, f"{name}: int8 agrees with float32 on {agreement:.3f}"
+
+
+def test_uninstall_keeps_config_unless_purged(installed, tmp_path):
+    prefix = tmp_path / "p"
+    subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--prefix", str(prefix), "--no-systemd"], check=True,
+                   capture_output=True, timeout=900)
+    subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--uninstall", "--prefix", str(prefix),
+                    "--no-systemd"], check=True, capture_output=True)
+    assert not (prefix / "opt/allds").exists()
+    assert not (prefix / "etc/systemd/system/allds-agent.service").exists()
+    assert (prefix / "etc/allds/agent.yaml").exists() and (prefix / "etc/allds/secret").exists()
+    subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--uninstall", "--purge", "--prefix", str(prefix),
+                    "--no-systemd"], check=True, capture_output=True)
+    assert not (prefix / "etc/allds").exists()
+
+
+def test_systemd_unit_verifies(installed, tmp_path):
+    unit = tmp_path / "allds-agent.service"  # the shipped unit, pointed at the throwaway prefix
+    unit.write_text((REPO / "deploy/allds-agent.service").read_text().replace("/opt/allds",
+                                                                             str(installed / "opt/allds")))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = unit.read_text()
+    for directive in ("Type=notify", "Restart=on-failure", "WatchdogSec=", "NoNewPrivileges=yes",
+                      "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "MemoryMax="):
+        assert directive in text
+
+
+def test_sd_notify_ready_after_online_then_watchdog(broker, client, start_agent, tmp_path):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(20)
+    start_agent(broker.port, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+    first = sock.recv(256).decode()
+    assert first == "READY=1"
+    assert client.expect(f"{BASE}/Status", 5, lambda m: m.payload == b"ONLINE")  # already retained
+    beats, start = 0, time.monotonic()
+    while beats < 3:
+        if sock.recv(256).decode() == "WATCHDOG=1":
+            beats += 1
+    assert time.monotonic() - start < 10
+    sock.close()
+
+
+def test_config_reference_is_generated_from_the_schema():
+    assert (REPO / "docs/config.md").read_text() == reference(), \
+        "docs/config.md is stale: python -m agent.config --reference > docs/config.md"
+
+
+def test_replay_report_files(broker, client, start_agent, data_root, tmp_path):
+    agent = start_agent(broker.port)
+    client.expect(f"{BASE}/Status", 20, lambda m: m.payload == b"ONLINE")
+    images = tmp_path / "images"
+    for cls in ("Benign", "Pre"):
+        (images / cls).mkdir(parents=True)
+        for p in sorted((data_root / cls).glob("*.jpg"))[:5]:
+            (images / cls / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "agent.replay", str(images), "--config", str(agent.config),
+                             "--report-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["answered"] == 10 and report["metrics"]["tp"] + report["metrics"]["fn"] == 5
+    for name, (width, height) in (("confusion_matrix.png", (300, 250)), ("latency_histogram.png", (400, 250))):
+        image = cv2.imread(str(out / name))
+        assert image is not None and image.shape[1] >= width and image.shape[0] >= height, name
