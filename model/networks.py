@@ -26,7 +26,7 @@ def allds2020(n_classes: int = 2, input_size: int = 100) -> keras.Model:
 
 def _conv_bn_relu(x, filters: int, strides: int = 1):
     x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(momentum=0.9)(x)  # 72 steps an epoch: track the weights closely
     return layers.ReLU()(x)
 
 

@@ -88,3 +88,24 @@ def test_sessions_set_tcp_nodelay(broker):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         session.stop()
+
+
+def test_telemetry_outbox_is_bounded_and_flushed_in_order_on_connect(tmp_path):
+    from tests.helpers import Broker
+
+    broker = Broker(tmp_path / "late-broker")
+    config = parse({"broker": {"port": broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5}})
+    session = MqttSession(config.broker, "outbox-check", persistent=False, outbox_size=3)
+    for n in range(5):  # while disconnected: the oldest two are dropped
+        session.publish("outbox/life", f"life-{n}", droppable=True)
+    assert session.dropped_telemetry == 2
+    broker.start()
+    watcher = Client(broker.port).subscribe("outbox/#")
+    session.start()
+    try:
+        got = [watcher.expect("outbox/life", 15).payload.decode() for _ in range(3)]
+        assert got == ["life-2", "life-3", "life-4"]
+    finally:
+        session.stop()
+        watcher.close()
+        broker.stop()
