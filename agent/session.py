@@ -64,7 +64,7 @@ class MqttSession:
 
     def __init__(self, broker: Broker, client_id: str, password: str | None = None, *,
                  persistent: bool = True, will: Will | None = None, receive_maximum: int | None = None,
-                 outbox_size: int = 100, session_expiry_s: int | None = None) -> None:
+                 outbox_size: int = 100, session_expiry_s: int | None = None, tcp_nodelay: bool = True) -> None:
         self.broker = broker
         self.persistent = persistent
         self.v5 = broker.protocol == "5"
@@ -80,7 +80,8 @@ class MqttSession:
             self._client.will_set(will.topic, will.payload, qos=1, retain=True)
         if broker.tls.enabled:
             self._client.tls_set_context(self._tls_context())
-        self._client.on_socket_open = self._on_socket_open
+        if tcp_nodelay:  # off only to measure what Nagle's algorithm costs (bench/)
+            self._client.on_socket_open = self._on_socket_open
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish

@@ -81,9 +81,8 @@ def start_servers(kind: str, n: int, port: int, work: Path) -> tuple[list[subpro
 def measure(port: int, request_topic: str, paths: list[Path], concurrency: int, nodelay: bool) -> dict:
     """One replay; returns latency percentiles and throughput."""
     config = parse({"broker": {"port": port}})
-    session = MqttSession(config.broker, f"bench-{time.time_ns()}", persistent=True, session_expiry_s=60)
-    if not nodelay:
-        session._client.on_socket_open = None  # the baseline's default sockets
+    session = MqttSession(config.broker, f"bench-{time.time_ns()}", persistent=True, session_expiry_s=60,
+                          tcp_nodelay=nodelay)
     topics = Topics(base=BASE, request=request_topic)
     try:
         report = replay(session, topics, paths, concurrency, timeout=300, response_topic="bench/replies",
@@ -127,11 +126,7 @@ def main() -> None:
                           ("agent, default config", "agent", 1), ("agent pool of 2", "agent", 2),
                           ("agent pool of 3", "agent", 3)):
         nodelay = kind != "baseline"
-        broker = Broker(work / f"broker-{kind}{n}", extra="" if nodelay else "").start()
-        if not nodelay:  # the original broker setup: Nagle on
-            broker.stop()
-            broker.conf.write_text(broker.conf.read_text().replace("set_tcp_nodelay true\n", ""))
-            broker.start()
+        broker = Broker(work / f"broker-{kind}{n}", tcp_nodelay=nodelay).start()
         try:
             procs, startup = start_servers(kind, n, broker.port, work)
             topic = POOL_TOPIC if n > 1 else f"{BASE}/Inference"

@@ -44,13 +44,13 @@ class Broker:
     """A Mosquitto process with a generated config, started and stopped by PID."""
 
     def __init__(self, workdir: Path, extra: str = "", persistence: bool = False, port: int | None = None,
-                 listeners: str | None = None) -> None:
+                 listeners: str | None = None, tcp_nodelay: bool = True) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o777)  # mosquitto started as root drops to user mosquitto
         self.port = port or free_port()
         self.conf = self.dir / "mosquitto.conf"
-        lines = ["user root", "set_tcp_nodelay true", f"log_dest file {self.dir / 'mosquitto.log'}",
+        lines = ["user root", f"set_tcp_nodelay {str(tcp_nodelay).lower()}", f"log_dest file {self.dir / 'mosquitto.log'}",
                  "log_type error", "log_type warning", "log_type notice", "log_type information"]
         if persistence:
             lines += ["persistence true", f"persistence_location {self.dir}/", "autosave_interval 1"]
