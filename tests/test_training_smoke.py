@@ -5,23 +5,28 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from model.classifier import CARD_NAME, Classifier
 from model.preprocess import preprocess_file
 from model.train import train
 
 
-def test_one_epoch_on_real_images_exports_loadable_artifacts(data_root, tmp_path):
-    out = train(data_root, "allds2020", epochs=1, seed=5, classes="binary", out_dir=tmp_path / "smoke", limit=150)
+@pytest.mark.parametrize("classes, names", [("binary", ["Benign", "ALL"]),
+                                            ("subtype", ["Benign", "Early", "Pre", "Pro"])])
+def test_one_epoch_on_real_images_exports_loadable_artifacts(data_root, tmp_path, classes, names):
+    out = train(data_root, "allds2020", epochs=1, seed=5, classes=classes, out_dir=tmp_path / "smoke", limit=150)
     card = json.loads((out / CARD_NAME).read_text())
     assert card["data"]["limit_per_split"] == 150 and card["training"]["epochs_run"] == 1
-    assert 0.0 <= card["threshold"] <= 1.0 and card["parameters"] == 174_812
+    assert 0.0 <= card["threshold"] <= 1.0 and card["classes"] == names
     batch = np.stack([preprocess_file(data_root / p, card["input_size"])
                       for p in ("Benign/WBC-Benign-001.jpg", "Pre/WBC-Malignant-Pre-001.jpg")])
     outputs = {}
     for kind, entry in card["artifacts"].items():
         clf = Classifier.load(out / entry["file"])
-        assert clf.sha256 == entry["sha256"] and clf.classes == ["Benign", "ALL"]
+        assert clf.sha256 == entry["sha256"] and clf.classes == names
         outputs[kind] = clf.classify(batch)
-        assert outputs[kind].shape == (2, 2) and np.allclose(outputs[kind].sum(1), 1, atol=0.02)
+        assert outputs[kind].shape == (2, len(names)) and np.allclose(outputs[kind].sum(1), 1, atol=0.02)
+        diagnoses = clf.diagnose(outputs[kind])
+        assert all(d.label in ("Positive", "Negative") and set(d.probabilities) == set(names) for d in diagnoses)
     np.testing.assert_allclose(outputs["keras"], outputs["float32"], atol=1e-4)
