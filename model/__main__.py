@@ -86,6 +86,45 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     print(json.dumps(run_baseline(data.data_root(args.data), args.seed), indent=2))
 
 
+def cmd_results(args: argparse.Namespace) -> None:
+    """The README's results table, from the committed model cards."""
+    print(results_table(sorted(DEFAULT_ARTIFACT.parent.parent.glob(f"*/{CARD_NAME}"))))
+
+
+def results_table(cards: list[Path]) -> str:
+    def f(m: dict | None, key: str) -> str:
+        return f"{m[key]:.3f}" if m and key in m else "–"
+
+    def cv(card: dict, mode: str, key: str) -> str:
+        entry = card.get("metrics", {}).get("cv", {}).get(mode, {}).get(key)
+        return f"{entry['mean']:.3f} ± {entry['sd']:.3f}" if entry else "–"
+
+    rows = ["| model (test split, 489 images) | balanced acc. | sensitivity | specificity | ROC AUC | grayscale: "
+            "bal. acc. / AUC | hue-shifted: bal. acc. / AUC | int8 = float32 | 5-fold CV bal. acc. | 5-fold CV AUC |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    baseline = None
+    for path in cards:
+        card = json.loads(path.read_text())
+        m = card.get("metrics", {})
+        baseline = m.get("baseline", baseline)
+        for kind in ("int8", "float32"):
+            c, g, h = (m.get(mode, {}).get(kind) for mode in ("colour", "grayscale", "hue_saturation"))
+            agreement = f"{m['int8_agreement']['colour']:.3f}" if kind == "int8" and "int8_agreement" in m else ""
+            cv_cells = (cv(card, "colour", "balanced_accuracy"), cv(card, "colour", "roc_auc")) if kind == "int8" \
+                else ("", "")
+            served = " (served default)" if path.parent == DEFAULT_ARTIFACT.parent and kind == "int8" else ""
+            rows.append(f"| `{card['name']}` {kind}{served} "
+                        f"| {f(c, 'balanced_accuracy')} | {f(c, 'sensitivity')} | {f(c, 'specificity')} | "
+                        f"{f(c, 'roc_auc')} | {f(g, 'balanced_accuracy')} / {f(g, 'roc_auc')} | "
+                        f"{f(h, 'balanced_accuracy')} / {f(h, 'roc_auc')} | {agreement} | {cv_cells[0]} | {cv_cells[1]} |")
+    if baseline:
+        for name, label in (("colour_statistics", "15 colour statistics"), ("grayscale_statistics", "5 grey statistics")):
+            b = baseline[name]
+            rows.append(f"| logistic regression on {label} (no network) | {f(b, 'balanced_accuracy')} | "
+                        f"{f(b, 'sensitivity')} | {f(b, 'specificity')} | {f(b, 'roc_auc')} | | | | | |")
+    return "\n".join(rows)
+
+
 def _store(out_dir: Path, metrics: dict) -> None:
     """Merge metrics into a model card."""
     card_path = out_dir / CARD_NAME
@@ -121,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_classify)
     p = sub.add_parser("baseline", parents=[common], help="colour-statistics logistic regression")
     p.set_defaults(func=cmd_baseline)
+    p = sub.add_parser("results", help="the README's results table from the model cards")
+    p.set_defaults(func=cmd_results)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
