@@ -18,10 +18,11 @@ from model.classifier import CARD_NAME, Classifier  # noqa: E402
 from model.metrics import binary_metrics  # noqa: E402
 
 STRESS_MODES = ("colour", "grayscale", "hue_saturation")
+HUE_SHIFT_DEG = 90.0  # purple stain turned anywhere from red to blue
 
 
 def stress(images: np.ndarray, mode: str, seed: int = 0) -> np.ndarray:
-    """Test images as given, converted to grayscale, or with a random hue and saturation shift each."""
+    """Test images as given, in grayscale, or each with a random hue shift (±90°) and saturation ×0.5–1.5."""
     if mode == "colour":
         return images
     if mode == "grayscale":
@@ -30,7 +31,7 @@ def stress(images: np.ndarray, mode: str, seed: int = 0) -> np.ndarray:
     shifted = []
     for im in images:
         hsv = cv2.cvtColor(im, cv2.COLOR_RGB2HSV)  # float32: H in [0, 360), S in [0, 1]
-        hsv[..., 0] = (hsv[..., 0] + rng.uniform(0, 360)) % 360
+        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-HUE_SHIFT_DEG, HUE_SHIFT_DEG)) % 360
         hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 1)
         shifted.append(np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), 0, 1))
     return np.stack(shifted)

@@ -41,7 +41,7 @@ class Recipe:
 RECIPES = {
     # The paper's network with the paper's augmentation set; Adam at a small rate is what kept
     # it from collapsing to one class.
-    "allds2020": Recipe(learning_rate=5e-4, weight_decay=0.0, epochs=60, patience=20, colour_jitter=False),
+    "allds2020": Recipe(learning_rate=1e-4, weight_decay=0.0, epochs=60, patience=20, colour_jitter=False),
     "cellnet": Recipe(learning_rate=1e-3, weight_decay=1e-4, epochs=60, patience=20, colour_jitter=True),
 }
 

@@ -109,3 +109,15 @@ def test_telemetry_outbox_is_bounded_and_flushed_in_order_on_connect(tmp_path):
         session.stop()
         watcher.close()
         broker.stop()
+
+
+def test_serving_process_never_imports_tensorflow(data_root):
+    code = ("import sys, agent.__main__, agent.replay\n"
+            "from model.classifier import DEFAULT_ARTIFACT, Classifier\n"
+            "from model.preprocess import preprocess_file\n"
+            f"c = Classifier.load(DEFAULT_ARTIFACT)\n"
+            f"c.classify(preprocess_file({str(data_root / 'Benign/WBC-Benign-001.jpg')!r}, c.input_size)[None])\n"
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
