@@ -2,7 +2,7 @@
 # Install the AllDS agent as a systemd service (Raspberry Pi OS Bookworm / Debian 12; run as root).
 #   deploy/install.sh [--prefix DIR] [--no-systemd]        install or update (idempotent)
 #   deploy/install.sh --uninstall [--purge] [--prefix DIR] remove; --purge also removes config, secret, user
-# Layout (under --prefix, default /): /opt/allds (code, model, venv with the LiteRT runtime),
+# Layout (under --prefix, default /): /opt/allds (code, models, split lists, venv with the LiteRT runtime),
 # /etc/allds/agent.yaml (kept if present), /etc/allds/secret (0600, owner allds),
 # /etc/systemd/system/allds-agent.service.
 set -euo pipefail
@@ -44,7 +44,7 @@ id allds >/dev/null 2>&1 || useradd --system --home-dir /nonexistent --no-create
 install -d -m 755 "$OPT" "$prefix/etc/systemd/system"
 install -d -m 750 -o root -g allds "$ETC"
 # Code, shipped models and docs: copied only when they differ, so a second run changes nothing.
-for part in agent model config docs; do
+for part in agent model config data docs; do
   mkdir -p "$OPT/$part"
   (cd "$SRC" && find "$part" -type f ! -path '*/__pycache__/*' ! -name '*.pyc') | while read -r f; do
     if ! cmp -s "$SRC/$f" "$OPT/$f"; then install -D -m 644 "$SRC/$f" "$OPT/$f"; fi
