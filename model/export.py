@@ -42,7 +42,9 @@ def export(model: keras.Model, out_dir: Path, representative: np.ndarray) -> dic
     paths = {"keras": out_dir / f"{model.name}.keras",
              "float32": out_dir / f"{model.name}_float32.tflite",
              "int8": out_dir / f"{model.name}_int8.tflite"}
+    # Re-saved uncompiled: the optimizer's state would triple the file for no use at inference.
     model.save(paths["keras"])
+    keras.models.load_model(paths["keras"], compile=False).save(paths["keras"])
     paths["float32"].write_bytes(to_tflite(model))
     paths["int8"].write_bytes(to_tflite(model, representative))
     return paths
