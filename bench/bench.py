@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import cv2
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -96,6 +97,15 @@ def measure(port: int, request_topic: str, paths: list[Path], concurrency: int, 
             "duplicates": report.duplicates}
 
 
+def cpu_seconds(servers: list[subprocess.Popen], broker: subprocess.Popen) -> dict[str, float]:
+    """User + system CPU seconds so far of the serving processes, the broker and this load generator."""
+    def used(pid: int) -> float:
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+
+    return {"servers": sum(used(p.pid) for p in servers), "broker": used(broker.pid), "load generator": used(os.getpid())}
+
+
 def big_jpegs(sources: list[Path], work: Path) -> list[Path]:
     out = []
     for n, src in enumerate(sources):
@@ -133,11 +143,13 @@ def main() -> None:
             for set_name, (paths, latency_n, saturation_n) in sets.items():
                 measure(broker.port, topic, paths[:16], 1, nodelay)  # warm-up
                 lat = measure(broker.port, topic, [paths[i % len(paths)] for i in range(latency_n)], 1, nodelay)
+                before = cpu_seconds(procs, broker.proc)
                 sat = measure(broker.port, topic, [paths[i % len(paths)] for i in range(saturation_n)], 64, nodelay)
+                cpu = {k: (v - before[k]) * 1000 / saturation_n for k, v in cpu_seconds(procs, broker.proc).items()}
                 rss = max(peak_rss_mb(p.pid) for p in procs)
                 rows.append({"server": name, "images": set_name, "p50": lat["p50"], "p95": lat["p95"],
                              "throughput": sat["throughput"], "rss": rss, "startup": startup,
-                             "duplicates": sat["duplicates"]})
+                             "duplicates": sat["duplicates"], "cpu_ms": cpu})
                 print(rows[-1], flush=True)
         finally:
             for p in procs:
@@ -169,6 +181,13 @@ def render(rows: list[dict]) -> str:
         lines.append(f"| {r['server']} | {r['images']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['throughput']:.0f} | "
                      f"{r['rss']:.0f} | {r['startup']:.2f} | {b['p50'] / r['p50']:.1f}x faster | "
                      f"{r['throughput'] / b['throughput']:.1f}x | {r['throughput'] / o['throughput']:.2f}x |")
+    lines += ["", "Where the CPU went at saturation (CPU ms per image: serving processes / broker / load generator; "
+              "2 cores give at most 2,000 CPU ms per second):", "",
+              "| server | images | servers | broker | load generator | total |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["cpu_ms"]
+        lines.append(f"| {r['server']} | {r['images']} | {c['servers']:.2f} | {c['broker']:.2f} | "
+                     f"{c['load generator']:.2f} | {sum(c.values()):.2f} |")
     return "\n".join(lines) + "\n"
 
 
