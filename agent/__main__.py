@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         c = service.counters
         return {"uptime_s": round(time.monotonic() - started, 1), "model": service.classifier.name,
                 "model_version": service.classifier.version, "requests": c.requests, "diagnoses": c.diagnoses,
-                "errors": c.errors, "open_requests": service.open_requests,
+                "errors": c.errors, "commands": c.commands, "open_requests": service.open_requests,
                 "dropped_telemetry": session.dropped_telemetry}
 
     life = LifeReporter(config.telemetry, lambda body: session.publish(topics.life, body, droppable=True),

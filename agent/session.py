@@ -104,7 +104,6 @@ class MqttSession:
         self._connack: mqtt.ReasonCode | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self.sockets_opened = 0
 
     # ---- public interface -------------------------------------------------------------
     def subscribe(self, topic_filter: str, handler: Handler, shared_group: str | None = None) -> None:
@@ -248,7 +247,6 @@ class MqttSession:
     def _on_socket_open(self, client, userdata, sock) -> None:
         # Nagle + delayed ACK cost ~88 ms per small QoS 1 round trip on loopback.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sockets_opened += 1
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connack = reason_code
