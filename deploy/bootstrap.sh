@@ -7,6 +7,8 @@ missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # certs/make-certs.sh
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)  # the unit file test
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing ${missing[*]} (apt-get)" >&2
   export DEBIAN_FRONTEND=noninteractive
