@@ -218,7 +218,7 @@ def write_report_dir(report: Report, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="replay-testset", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="file list (e.g. data/ALL_Aria2021/test.txt), directory or class tree")
+    parser.add_argument("source", help="file list (e.g. data/aria2021/test.txt), directory or class tree")
     parser.add_argument("--data", help="data root for a file list (default: $ALLDS_DATA)")
     parser.add_argument("--config", default="config/agent.yaml", help="agent config: broker and topics")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")

@@ -146,9 +146,12 @@ def split_indices(samples: list[Sample], groups: np.ndarray, seed: int) -> dict[
     }
 
 
+SPLIT_FOLDERS = {"ALL_Aria2021": "aria2021", "ALL-IDB1": "all-idb1"}
+
+
 def split_dir(dataset: str) -> Path:
-    """Folder of the committed split lists for a data set."""
-    return SPLIT_DIR / dataset
+    """Folder of the committed split lists for a data set (file lists only; images stay outside)."""
+    return SPLIT_DIR / SPLIT_FOLDERS[dataset]
 
 
 def write_splits(dataset: str, samples: list[Sample], splits: dict[str, np.ndarray]) -> dict[str, Path]:

@@ -159,7 +159,7 @@ def test_config_errors_exit_2_with_one_line(tmp_path, text, names):
 
 def test_replay_of_real_images(broker, client, online, data_root, tmp_path):
     listing = tmp_path / "list.txt"
-    test_list = (REPO / "data/ALL_Aria2021/test.txt").read_text().splitlines()
+    test_list = (REPO / "data/aria2021/test.txt").read_text().splitlines()
     listing.write_text("\n".join(test_list[::4][:120]) + "\n")
     config = online.config
     result = subprocess.run([sys.executable, "-m", "agent.replay", str(listing), "--data", str(data_root),

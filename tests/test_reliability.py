@@ -27,7 +27,7 @@ def test_300_requests_survive_two_broker_restarts_and_an_agent_sigkill(tmp_path,
         agent = start_agent(broker.port, name="agent1")
         _online(broker.port)
         listing = tmp_path / "list.txt"
-        paths = (REPO / "data/ALL_Aria2021/train.txt").read_text().split()[:300]
+        paths = (REPO / "data/aria2021/train.txt").read_text().split()[:300]
         listing.write_text("\n".join(paths) + "\n")
         replay = subprocess.Popen(
             [sys.executable, "-m", "agent.replay", str(listing), "--data", str(data_root), "--config",

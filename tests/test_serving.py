@@ -63,7 +63,7 @@ def test_agent_pool_answers_each_id_exactly_once(broker, start_agent, data_root,
         online.add(message.topic)
     watcher.close()
     listing = tmp_path / "list.txt"
-    listing.write_text("\n".join((REPO / "data/ALL_Aria2021/val.txt").read_text().split()[:200]) + "\n")
+    listing.write_text("\n".join((REPO / "data/aria2021/val.txt").read_text().split()[:200]) + "\n")
     config = agents[0].config  # its request_topic is the pool's
     result = subprocess.run([sys.executable, "-m", "agent.replay", str(listing), "--data", str(data_root),
                              "--config", str(config), "--response-topic", "replies/pool", "--quiet",
