@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from agent.config import parse
-from agent.session import MqttSession
+from agent.session import MqttSession, publish_properties
 from model.classifier import DEFAULT_ARTIFACT, Classifier
 from model.preprocess import preprocess
 from tests.helpers import BASE, REPO, Client
@@ -29,7 +29,7 @@ def test_micro_batches_answer_each_request_with_its_own_result(broker, client, s
     payloads = {f"img-{i}": paths[i].read_bytes() for i in order}
     payloads["img-bad"] = b"\xff\xd8\xff not really a jpeg"
     for request_id, payload in payloads.items():  # published back to back so batches form
-        client.client.publish(INFERENCE, payload, qos=1, properties=_props(request_id))
+        client.client.publish(INFERENCE, payload, qos=1, properties=publish_properties(correlation=request_id.encode()))
     replies = {}
     while len(replies) < len(payloads):
         reply = client.expect_json(DIAGNOSIS, 30)
@@ -44,12 +44,6 @@ def test_micro_batches_answer_each_request_with_its_own_result(broker, client, s
         assert abs(served["ALL"] - float(alone[1])) < 1e-3, request_id
     batches = [int(b) for b in re.findall(r"batch=(\d+)", agent.log())]
     assert len(batches) == 40 and max(batches) > 1, batches
-
-
-def _props(request_id: str):
-    from agent.session import publish_properties
-
-    return publish_properties(correlation=request_id.encode())
 
 
 def test_agent_pool_answers_each_id_exactly_once(broker, start_agent, data_root, tmp_path):
