@@ -105,7 +105,7 @@ def _plots(out_dir: Path, card: dict, labels: np.ndarray, p_all: np.ndarray, dec
 def cross_validate(root: Path, arch: str, folds: int, seed: int, epochs: int | None = None) -> dict:
     """Stratified, duplicate-grouped k-fold CV of one recipe: mean and sd of each metric."""
     from model.networks import INPUT_SIZES
-    from model.train import choose_threshold, fit
+    from model.train import choose_threshold, fit, p_all
 
     dataset, samples = data.load_dataset(root)
     groups = data.duplicate_groups(samples, data.duplicate_pairs(root))
@@ -119,13 +119,11 @@ def cross_validate(root: Path, arch: str, folds: int, seed: int, epochs: int | N
         val_idx = rest[val_local]
         train_idx = np.setdiff1d(rest, val_idx)
         model, _ = fit(arch, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], 2, seed + k, epochs)
-        p_val = 1.0 - model(images[val_idx], training=False).numpy()[:, 0]
-        threshold = choose_threshold(labels[val_idx], p_val)
+        threshold = choose_threshold(labels[val_idx], p_all(model, images[val_idx]))
         fold = {}
         for mode in STRESS_MODES:
             x = stress(images[test_idx], mode, seed)
-            p_test = 1.0 - np.concatenate([model(x[i:i + 64], training=False).numpy()
-                                           for i in range(0, len(x), 64)])[:, 0]
+            p_test = p_all(model, x)
             fold[mode] = binary_metrics(labels[test_idx], p_test >= threshold, p_test)
         per_fold.append(fold)
     keys = ("balanced_accuracy", "sensitivity", "specificity", "roc_auc")

@@ -60,6 +60,12 @@ def targets(samples: list[data.Sample], classes: str) -> np.ndarray:
     return np.array([data.ARIA_CLASSES.index(s.subtype) for s in samples])
 
 
+def p_all(model: keras.Model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """P(ALL) = 1 - P(Benign) (class 0 in both class lists) of a Keras model, in inference mode."""
+    return 1.0 - np.concatenate([model(images[i:i + batch_size], training=False).numpy()
+                                 for i in range(0, len(images), batch_size)])[:, 0]
+
+
 class ValidationAUC(keras.callbacks.Callback):
     """Adds `val_auc`, the ROC AUC of P(ALL) on the validation images, to each epoch's logs.
 
@@ -68,15 +74,13 @@ class ValidationAUC(keras.callbacks.Callback):
     that the operating point is chosen from is what early stopping should watch.
     """
 
-    def __init__(self, x_val: np.ndarray, y_val_binary: np.ndarray, benign_index: int = 0) -> None:
+    def __init__(self, x_val: np.ndarray, y_val_binary: np.ndarray) -> None:
         super().__init__()
-        self.x_val, self.y_val, self.benign_index = x_val, y_val_binary, benign_index
+        self.x_val, self.y_val = x_val, y_val_binary
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        p_all = 1.0 - np.concatenate([self.model(self.x_val[i:i + 128], training=False).numpy()
-                                      for i in range(0, len(self.x_val), 128)])[:, self.benign_index]
         if logs is not None:
-            logs["val_auc"] = float(roc_auc_score(self.y_val, p_all))
+            logs["val_auc"] = float(roc_auc_score(self.y_val, p_all(self.model, self.x_val)))
 
 
 def fit(arch: str, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -133,8 +137,7 @@ def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, ou
     y = {k: targets(v, classes) for k, v in splits.items()}
     names = class_names(classes)
     model, history = fit(arch, x["train"], y["train"], x["val"], y["val"], len(names), seed, epochs)
-    p_val = 1.0 - model(x["val"], training=False).numpy()[:, names.index("Benign")]
-    threshold = choose_threshold(np.array([s.label for s in splits["val"]]), p_val)
+    threshold = choose_threshold(np.array([s.label for s in splits["val"]]), p_all(model, x["val"]))
     name = arch if classes == "binary" else f"{arch}_{classes}"
     out_dir = out_dir or ARTIFACTS / name
     model.name = name  # artifact file names follow the model name
