@@ -1,4 +1,4 @@
-"""`python -m model {split,train,evaluate,classify,baseline}`."""
+"""`python -m model {split,train,export,calibrate,evaluate,classify,baseline,results}`."""
 
 from __future__ import annotations
 
@@ -28,14 +28,19 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from model.baseline import run_baseline
+    from model.calibrate import fit_policy
     from model.evaluate import evaluate_artifacts
     from model.train import train
+    from model.trust_report import evaluate_trust
 
     root = data.data_root(args.data)
     out = train(root, args.arch, args.epochs, args.seed, args.classes, Path(args.out) if args.out else None,
                 args.limit)
+    fit_policy(out, root, args.seed)
     metrics = evaluate_artifacts(out, root, args.seed)
     _store(out, {"baseline": run_baseline(root, args.seed)})
+    if not args.limit:
+        evaluate_trust(out, root, args.seed)
     print(json.dumps(metrics, indent=2))
     print(f"artifacts written to {out}")
 
@@ -52,8 +57,44 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in cv.items() if k != "per_fold"}, indent=2))
         return
     from model.evaluate import evaluate_artifacts
+    from model.trust_report import evaluate_trust
 
-    print(json.dumps(evaluate_artifacts(_artifact_dir(args.artifact), root, args.seed), indent=2))
+    out = _artifact_dir(args.artifact)
+    metrics = evaluate_artifacts(out, root, args.seed)
+    metrics["trust"] = evaluate_trust(out, root, args.seed, Path(args.bccd) if args.bccd else None)
+    print(json.dumps(trust_summary(metrics), indent=2))
+
+
+def trust_summary(metrics: dict) -> dict:
+    """The headline trust figures of `metrics.trust` (the card holds all of them)."""
+    trust = metrics["trust"]
+    out = {}
+    for kind in ("int8", "float32"):
+        t = trust[kind]
+        out[kind] = {"refused_gate": t["refusal"]["gate"]["rate"], "refused_borderline": t["refusal"]["borderline"]["rate"],
+                     "refused_total": t["refusal"]["total"]["rate"],
+                     "sensitivity_answered": [t["answered"]["sensitivity"]["rate"], *t["answered"]["sensitivity"]["ci95"]],
+                     "specificity_answered": [t["answered"]["specificity"]["rate"], *t["answered"]["specificity"]["ci95"]],
+                     "ece_before": t["calibration"]["ece_p_all_before"], "ece_after": t["calibration"]["ece_p_all_after"]}
+    ood = trust["out_of_distribution"]
+    out["out_of_distribution"] = {**ood["summary"], **{name: {"refused": s["total"]["rate"], "decisions": s["decisions"]}
+                                                      for name, s in ood["sets"].items()}}
+    out["explanation"] = trust.get("explanation")
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from model.export import reexport
+
+    for kind, path in reexport(_artifact_dir(args.artifact), data.data_root(args.data), args.seed).items():
+        print(f"{kind}: {path}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from model.calibrate import fit_policy
+
+    section = fit_policy(_artifact_dir(args.artifact), data.data_root(args.data), args.seed)
+    print(json.dumps({k: v for k, v in section.items() if k != "rules"}, indent=2))
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
@@ -148,8 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="artifact folder (default model/artifacts/NAME)")
     p.add_argument("--limit", type=int, help="at most N images per split (smoke runs)")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("export", parents=[common], help="re-export an artifact folder's .tflite files from its .keras")
+    p.add_argument("--artifact", help="artifact file or folder (default: the served model)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("calibrate", parents=[common], help="fit the input gate, calibration and band of an artifact")
+    p.add_argument("--artifact", help="artifact file or folder (default: the served model)")
+    p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("evaluate", parents=[common], help="score artifacts on the held-out split, or --cv")
     p.add_argument("--artifact", help="artifact file or folder (default: the served model)")
+    p.add_argument("--bccd", help="BCCD root for the near-distribution sets (default: $ALLDS_BCCD or ../shared/data/BCCD)")
     p.add_argument("--cv", type=int, help="k-fold cross-validation of --arch instead")
     p.add_argument("--arch", choices=["allds2020", "cellnet"], default="cellnet")
     p.add_argument("--epochs", type=int)

@@ -1,7 +1,10 @@
 """Inference runtime: `Classifier.load(path)` serves a `.tflite` artifact with LiteRT or a `.keras`
-one with TensorFlow, reading classes, input size and decision threshold from the model card.
+one with TensorFlow, reading classes, input size and the decision policy from the model card.
 
-The LiteRT path never imports TensorFlow (the Pi runs without it).
+`Classifier.assess(batch)` is the served answer: one network invocation for the whole batch, then
+the input gate (image quality and an out-of-distribution score on the network's own features), the
+calibrated probability and the indeterminate band around the operating threshold. `classify` gives
+the raw probabilities (evaluation). The LiteRT path never imports TensorFlow (the Pi runs without it).
 """
 
 from __future__ import annotations
@@ -9,27 +12,40 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from model.policy import DecisionPolicy
+
 CARD_NAME = "model_card.json"
+LABELS = ("Positive", "Negative", "Indeterminate")
+
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
 @dataclass(frozen=True)
 class Diagnosis:
-    """The served answer for one image."""
+    """The served answer for one image.
 
-    positive: bool
-    confidence: float
+    `label` is Positive, Negative or Indeterminate; `reason` says why an answer is Indeterminate
+    (None otherwise); `confidence` is the calibrated probability of the stated answer (>= 0.5 for a
+    decision, None when Indeterminate); `p_all` and `probabilities` are the network's raw outputs;
+    `ood_score` is the out-of-distribution score of the network's features (None without a gate).
+    """
+
+    label: str
+    reason: str | None
+    confidence: float | None
     p_all: float
     probabilities: dict[str, float]
+    ood_score: float | None = None
 
     @property
-    def label(self) -> str:
-        return "Positive" if self.positive else "Negative"
+    def positive(self) -> bool:
+        return self.label == "Positive"
 
 
 def file_sha256(path: Path) -> str:
@@ -38,17 +54,27 @@ def file_sha256(path: Path) -> str:
 
 
 class Classifier:
-    """A loaded artifact plus its model card."""
+    """A loaded artifact plus its model card and decision policy."""
 
-    def __init__(self, path: Path, card: dict, run: Callable[[np.ndarray], np.ndarray]) -> None:
+    def __init__(self, path: Path, card: dict, run: Runner, require_policy: bool = True) -> None:
         self.path = path
         self.card = card
         self._run = run
         self.sha256 = file_sha256(path)
+        self.kind = artifact_kind(card, path)
+        self.policy = DecisionPolicy.from_card(card, self.kind, path.parent) if require_policy \
+            else DecisionPolicy(calibrated=False)
+        if require_policy and not self.policy.calibrated:
+            raise ValueError(f"model card {path.parent / CARD_NAME} has no decision policy for the {self.kind} "
+                             f"artifact: run `python -m model calibrate --artifact {path.parent}`")
 
     @classmethod
-    def load(cls, path: str | Path, threads: int = 2) -> Classifier:
-        """Load a `.tflite` (LiteRT + XNNPACK) or `.keras` artifact; its card sits beside it."""
+    def load(cls, path: str | Path, threads: int = 2, require_policy: bool = True) -> Classifier:
+        """Load a `.tflite` (LiteRT + XNNPACK) or `.keras` artifact; its card sits beside it.
+
+        Without the card's decision policy (gate, calibration, band) loading fails; `require_policy=False`
+        skips the policy (raw outputs only: used while fitting it).
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model artifact {path} does not exist")
@@ -57,12 +83,12 @@ class Classifier:
             raise FileNotFoundError(f"model card {card_path} does not exist")
         card = json.loads(card_path.read_text())
         if path.suffix == ".tflite":
-            run = _litert_runner(path, threads)
+            run = _litert_runner(path, threads, len(card["classes"]))
         elif path.suffix == ".keras":
             run = _keras_runner(path)
         else:
             raise ValueError(f"unknown model file type {path.suffix!r} (want .tflite or .keras)")
-        return cls(path, card, run)
+        return cls(path, card, run, require_policy)
 
     @property
     def name(self) -> str:
@@ -82,30 +108,68 @@ class Classifier:
 
     @property
     def threshold(self) -> float:
-        return float(self.card["threshold"])
+        """The operating threshold on P(ALL) of this artifact (fitted on its own validation outputs)."""
+        return self.policy.threshold if self.policy.calibrated else float(self.card["threshold"])
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One invocation: (class probabilities, features) for a batch of preprocessed images."""
+        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
 
     def classify(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a batch of preprocessed images (N, size, size, 3)."""
-        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        return self.run(batch)[0]
 
     def p_all(self, probabilities: np.ndarray) -> np.ndarray:
         """P(ALL) per row: one minus the probability of the benign class."""
         return 1.0 - probabilities[:, self.classes.index("Benign")]
 
     def diagnose(self, probabilities: np.ndarray) -> list[Diagnosis]:
-        """Apply the model card's operating point to each row of probabilities."""
+        """Plain threshold decisions without gate, calibration or band (the agent's path before
+        `assess`; to be removed once the service calls `assess`)."""
         results = []
         for row, p in zip(probabilities, self.p_all(probabilities), strict=True):
             positive = bool(p >= self.threshold)
-            results.append(Diagnosis(positive, float(p if positive else 1.0 - p), float(p),
-                                     {c: round(float(v), 6) for c, v in zip(self.classes, row, strict=True)}))
+            results.append(Diagnosis("Positive" if positive else "Negative", None, float(p if positive else 1.0 - p),
+                                     float(p), _rounded(self.classes, row)))
         return results
 
+    def assess(self, batch: np.ndarray, jpeg_quality: Sequence[int | None] | None = None) -> list[Diagnosis]:
+        """The served answers for a batch of preprocessed images: one invocation, then gate,
+        calibration and the indeterminate band (see `model.policy.DecisionPolicy`).
 
-def _litert_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+        `jpeg_quality` (optional, per image, from `model.preprocess.jpeg_quality` of the payload)
+        lets the gate refuse heavily compressed JPEGs, which the tensor alone does not show.
+        """
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        probabilities, features = self._run(batch)
+        return self.decide(batch, probabilities, features, jpeg_quality)
+
+    def decide(self, batch: np.ndarray, probabilities: np.ndarray, features: np.ndarray | None,
+               jpeg_quality: Sequence[int | None] | None = None) -> list[Diagnosis]:
+        """`assess` on outputs already computed for `batch` (evaluation reuses one invocation)."""
+        p_all = self.p_all(probabilities)
+        decisions = self.policy.decide(batch, p_all, features, jpeg_quality)
+        return [Diagnosis(d.label, d.reason, d.confidence, float(p), _rounded(self.classes, row), d.ood_score)
+                for d, p, row in zip(decisions, p_all, probabilities, strict=True)]
+
+
+def _rounded(classes: list[str], row: np.ndarray) -> dict[str, float]:
+    return {c: round(float(v), 6) for c, v in zip(classes, row, strict=True)}
+
+
+def artifact_kind(card: dict, path: Path) -> str:
+    """Which of the card's artifacts (`int8`, `float32`, `keras`) this file is, by name or suffix."""
+    for kind, entry in card.get("artifacts", {}).items():
+        if entry.get("file") == path.name:
+            return kind
+    return "keras" if path.suffix == ".keras" else "float32" if "float32" in path.name else "int8"
+
+
+def _litert_runner(path: Path, threads: int, n_classes: int) -> Runner:
     """A LiteRT interpreter per batch size (resizing costs a re-allocation), created on first use.
 
-    Artifacts keep float32 input and output; the int8 model quantises inside the graph.
+    Artifacts keep float32 input and output; the int8 model quantises inside the graph. Exported
+    artifacts have two outputs, told apart by width: probabilities (one per class) and features.
     """
     if "tensorflow" in sys.modules:  # LiteRT's and TensorFlow's wrappers cannot share a process
         from tensorflow.lite.python.interpreter import Interpreter
@@ -114,6 +178,12 @@ def _litert_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarra
 
     interpreters: dict[int, Interpreter] = {}
     model_content = path.read_bytes()
+    outputs = Interpreter(model_content=model_content).get_output_details()
+    widths = [int(o["shape"][-1]) for o in outputs]
+    if widths.count(n_classes) != 1 or len(outputs) > 2:
+        raise ValueError(f"{path.name}: outputs of widths {widths} do not match {n_classes} classes (+ features)")
+    prob_slot = widths.index(n_classes)
+    feature_slot = 1 - prob_slot if len(outputs) == 2 else None
 
     def interpreter_for(n: int) -> Interpreter:
         if n not in interpreters:
@@ -124,23 +194,32 @@ def _litert_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarra
             interpreters[n] = interp
         return interpreters[n]
 
-    def run(batch: np.ndarray) -> np.ndarray:
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         interp = interpreter_for(len(batch))
         interp.set_tensor(interp.get_input_details()[0]["index"], batch)
         interp.invoke()
-        return interp.get_tensor(interp.get_output_details()[0]["index"]).copy()
+        details = interp.get_output_details()
+        features = None if feature_slot is None else interp.get_tensor(details[feature_slot]["index"]).copy()
+        return interp.get_tensor(details[prob_slot]["index"]).copy(), features
 
     return run
 
 
-def _keras_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """A compiled call of the Keras model (no `model.predict` per-call overhead)."""
+def _keras_runner(path: Path) -> Runner:
+    """A compiled call of the Keras model with its feature output (no `model.predict` overhead)."""
     import keras
     import tensorflow as tf
 
-    model = keras.models.load_model(path, compile=False)
+    from model.export import with_features
+
+    model, _ = with_features(keras.models.load_model(path, compile=False))
     call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return lambda batch: call(tf.constant(batch)).numpy()
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = call(tf.constant(batch))
+        return out["probabilities"].numpy(), out["features"].numpy()
+
+    return run
 
 
 DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "cellnet" / "cellnet_int8.tflite"

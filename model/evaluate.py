@@ -104,8 +104,9 @@ def _plots(out_dir: Path, card: dict, labels: np.ndarray, p_all: np.ndarray, dec
 
 def cross_validate(root: Path, arch: str, folds: int, seed: int, epochs: int | None = None) -> dict:
     """Stratified, duplicate-grouped k-fold CV of one recipe: mean and sd of each metric."""
+    from model.calibration import choose_threshold
     from model.networks import INPUT_SIZES
-    from model.train import choose_threshold, fit, p_all
+    from model.train import MIN_SENSITIVITY, fit, p_all
 
     dataset, samples = data.load_dataset(root)
     groups = data.duplicate_groups(samples, data.duplicate_pairs(root))
@@ -119,7 +120,7 @@ def cross_validate(root: Path, arch: str, folds: int, seed: int, epochs: int | N
         val_idx = rest[val_local]
         train_idx = np.setdiff1d(rest, val_idx)
         model, _ = fit(arch, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], 2, seed + k, epochs)
-        threshold = choose_threshold(labels[val_idx], p_all(model, images[val_idx]))
+        threshold = choose_threshold(labels[val_idx], p_all(model, images[val_idx]), MIN_SENSITIVITY)
         fold = {}
         for mode in STRESS_MODES:
             x = stress(images[test_idx], mode, seed)

@@ -1,4 +1,9 @@
-"""Export a trained Keras model as float32 and full-integer int8 `.tflite`, and write its model card."""
+"""Export a trained Keras model as float32 and full-integer int8 `.tflite`, and write its model card.
+
+The `.tflite` files have two outputs, `probabilities` and `features` (the global average of the last
+spatial feature map, which the input gate's out-of-distribution score reads), so serving stays one
+LiteRT invocation per batch.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,35 @@ def flops(model: keras.Model) -> int:
     return 2 * macs
 
 
+def with_features(model: keras.Model) -> tuple[keras.Model, list[int]]:
+    """The same network with a second output, `features`: the channel means of the output of every
+    pooling stage and of the last spatial feature map, concatenated; and the widths of those pieces.
+    `cellnet`: 32 + 64 + 112 + 160 + 224 = 592 values (the last being its own global average pooling);
+    `allds2020`, whose head flattens 75,000 values: the 30 channel means of its pooling layer.
+    Early stages see what the last one misses (washed-out or blurred captures). Both networks are
+    chains of layers, so they are re-traced layer by layer (this also gives Sequential models a graph).
+    """
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    x, taps, last = inputs, [], None
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        x = layer(x)
+        if len(x.shape) == 4:
+            last = x
+            if isinstance(layer, keras.layers.MaxPooling2D):
+                taps.append(x)
+    if last is None:
+        raise ValueError(f"{model.name} has no spatial feature map")
+    if not taps or taps[-1] is not last:
+        taps.append(last)
+    pooled = [keras.layers.GlobalAveragePooling2D(name=f"feature_pool_{i}")(t) for i, t in enumerate(taps)]
+    features = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="feature_concat")(pooled)
+    features = keras.layers.Identity(name="features")(features)
+    return (keras.Model(inputs, {"probabilities": x, "features": features}, name=model.name),
+            [int(t.shape[-1]) for t in taps])
+
+
 def to_tflite(model: keras.Model, representative: np.ndarray | None = None) -> bytes:
     """Float32 LiteRT flatbuffer, or full-integer int8 (float I/O) when a representative set is given."""
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -36,8 +70,9 @@ def to_tflite(model: keras.Model, representative: np.ndarray | None = None) -> b
     return converter.convert()
 
 
-def export(model: keras.Model, out_dir: Path, representative: np.ndarray) -> dict[str, Path]:
-    """Write `<name>.keras`, `<name>_float32.tflite` and `<name>_int8.tflite` into out_dir."""
+def export(model: keras.Model, out_dir: Path, representative: np.ndarray) -> tuple[dict[str, Path], list[int]]:
+    """Write `<name>.keras`, `<name>_float32.tflite` and `<name>_int8.tflite` into out_dir; returns
+    their paths and the widths of the feature output's pieces."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"keras": out_dir / f"{model.name}.keras",
              "float32": out_dir / f"{model.name}_float32.tflite",
@@ -45,9 +80,10 @@ def export(model: keras.Model, out_dir: Path, representative: np.ndarray) -> dic
     # Re-saved uncompiled: the optimizer's state would triple the file for no use at inference.
     model.save(paths["keras"])
     keras.models.load_model(paths["keras"], compile=False).save(paths["keras"])
-    paths["float32"].write_bytes(to_tflite(model))
-    paths["int8"].write_bytes(to_tflite(model, representative))
-    return paths
+    served, segments = with_features(model)
+    paths["float32"].write_bytes(to_tflite(served))
+    paths["int8"].write_bytes(to_tflite(served, representative))
+    return paths, segments
 
 
 def library_versions() -> dict[str, str]:
@@ -65,3 +101,29 @@ def write_card(out_dir: Path, card: dict, artifacts: dict[str, Path]) -> Path:
     path = out_dir / CARD_NAME
     path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def reexport(out_dir: Path, root: Path, seed: int = 42) -> dict[str, Path]:
+    """Rewrite the `.tflite` files of an artifact folder from its `.keras` file and update the card.
+
+    The int8 model is quantised with the representative set `model.train.train` uses (200 training
+    images drawn with the same seed), so its probabilities are those of the original export.
+    """
+    from model import data
+
+    card_path = out_dir / CARD_NAME
+    card = json.loads(card_path.read_text())
+    dataset, samples = data.load_dataset(root)
+    train = data.load_splits(dataset, samples, seed)["train"]
+    images = data.load_images(root, train, int(card["input_size"]))
+    rng = np.random.default_rng(seed)
+    representative = images[rng.choice(len(images), min(200, len(images)), replace=False)]
+    paths = {kind: out_dir / entry["file"] for kind, entry in card["artifacts"].items()}
+    model = keras.models.load_model(paths["keras"], compile=False)
+    served, segments = with_features(model)
+    paths["float32"].write_bytes(to_tflite(served))
+    paths["int8"].write_bytes(to_tflite(served, representative))
+    card["feature_segments"] = segments
+    card["artifacts"] = {k: {"file": p.name, "sha256": file_sha256(p)} for k, p in paths.items()}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return paths

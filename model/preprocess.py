@@ -61,6 +61,29 @@ def read_header(data: bytes) -> tuple[int, int, str]:
         raise ImageError("not_an_image", f"unreadable image header: {type(exc).__name__}") from None
 
 
+# libjpeg's standard luminance quantisation table (quality 50), in natural order as Pillow gives it.
+_JPEG_LUMINANCE = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69,
+                            56, 14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81,
+                            104, 113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], float)
+
+
+def jpeg_quality(data: bytes) -> int | None:
+    """Estimated libjpeg quality (1-100) of a JPEG from its luminance quantisation table (header
+    only), or None for other formats. Heavy compression destroys detail that a resized tensor hides."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                tables = getattr(img, "quantization", None) if img.format == "JPEG" else None
+    except Exception:  # noqa: BLE001 - hostile bytes; `preprocess` reports them
+        return None
+    if not tables or len(tables.get(0, ())) != 64:
+        return None
+    scale = float(np.mean(np.asarray(tables[0], float) / _JPEG_LUMINANCE)) * 100
+    quality = (200 - scale) / 2 if scale <= 100 else 5000 / scale
+    return int(np.clip(round(quality), 1, 100))
+
+
 def reduction_factor(width: int, height: int, target: int) -> int:
     """Largest OpenCV reduction (1, 2, 4, 8) that keeps the short side at or above `target`."""
     short = min(width, height)

@@ -12,12 +12,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 from tqdm.keras import TqdmCallback
 
 from model import data
 from model.augment import build_augmenter
+from model.calibration import choose_threshold
 from model.classifier import file_sha256
 from model.export import export, flops, library_versions, write_card
 from model.networks import ARCHITECTURES, INPUT_SIZES
@@ -114,13 +115,6 @@ def fit(arch: str, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
     return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 
-def choose_threshold(y_true: np.ndarray, p_all: np.ndarray, min_sensitivity: float = MIN_SENSITIVITY) -> float:
-    """Highest threshold on P(ALL) whose sensitivity on these labels reaches `min_sensitivity`."""
-    fpr, tpr, thresholds = roc_curve(y_true, p_all)
-    index = int(np.argmax(tpr >= min_sensitivity))
-    return float(min(thresholds[index], 1.0))
-
-
 def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, out_dir: Path | None = None,
           limit: int | None = None) -> Path:
     """Train, pick the operating point on validation, export the artifacts and write the card.
@@ -137,13 +131,13 @@ def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, ou
     y = {k: targets(v, classes) for k, v in splits.items()}
     names = class_names(classes)
     model, history = fit(arch, x["train"], y["train"], x["val"], y["val"], len(names), seed, epochs)
-    threshold = choose_threshold(np.array([s.label for s in splits["val"]]), p_all(model, x["val"]))
+    threshold = choose_threshold(np.array([s.label for s in splits["val"]]), p_all(model, x["val"]), MIN_SENSITIVITY)
     name = arch if classes == "binary" else f"{arch}_{classes}"
     out_dir = out_dir or ARTIFACTS / name
     model.name = name  # artifact file names follow the model name
     rng = np.random.default_rng(seed)
     representative = x["train"][rng.choice(len(x["train"]), min(200, len(x["train"])), replace=False)]
-    paths = export(model, out_dir, representative)
+    paths, segments = export(model, out_dir, representative)
     (out_dir / "history.json").write_text(json.dumps(history) + "\n")
     split_files = {k: data.split_dir(dataset) / f"{k}.txt" for k in ("train", "val", "test")}
     card = {
@@ -153,11 +147,13 @@ def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, ou
         "classes": names,
         "positive_classes": [c for c in names if c != "Benign"],
         "input_size": size,
+        "feature_segments": segments,
         "preprocessing": {"function": "model.preprocess.preprocess", "colour": "RGB",
                           "resize": "cv2.INTER_AREA", "scale": "1/255 to float32 [0, 1]",
                           "reduced_decode": "IMREAD_REDUCED_COLOR_{2,4,8} while the short side stays >= input"},
         "threshold": threshold,
-        "operating_point": f"highest P(ALL) threshold with validation sensitivity >= {MIN_SENSITIVITY}",
+        "operating_point": f"highest P(ALL) threshold of the Keras model with validation sensitivity >= {MIN_SENSITIVITY} "
+                           "(`python -m model calibrate` replaces it with the int8 artifact's own)",
         "parameters": int(model.count_params()),
         "gflops": round(flops(model) / 1e9, 4),
         "data": {"dataset": dataset, "root": root.name, "limit_per_split": limit,

@@ -1,0 +1,111 @@
+"""Fit the decision policy of an artifact folder: `python -m model calibrate --artifact DIR`
+(also the last step of `python -m model train`).
+
+On the artifacts' own outputs (int8 and float32 separately; `.keras` uses float32's):
+* feature density on the TRAINING split (class-conditional Mahalanobis per feature piece);
+* on the VALIDATION split: image-quality thresholds (no validation image refused), the
+  out-of-distribution threshold (gate refuses at most 1 % of validation images in all), then on the
+  images the gate passes: calibration (temperature and bias), the operating threshold (sensitivity
+  >= 0.98) and the indeterminate band (decisions outside it reach sensitivity >= 0.995 and
+  specificity >= 0.99, and it contains both the threshold and calibrated probability 0.5, so a
+  decision's confidence is never below 0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from model import data
+from model.calibration import Calibration, choose_band, choose_threshold
+from model.classifier import CARD_NAME, Classifier, file_sha256
+from model.gate import COLOUR_WIDTH, FeatureDensity, fit_quality_thresholds, image_statistics, quality_reasons, save_densities
+
+MAX_GATE_REFUSAL = 0.005  # the issue allows 1 %; half leaves room for the band within 3 % in all
+MIN_SENSITIVITY = 0.98  # operating threshold
+BAND_SENSITIVITY, BAND_SPECIFICITY = 0.995, 0.99
+MIN_JPEG_QUALITY = 20  # below it the network's answers degrade (see the card's compression sweep)
+KINDS = ("int8", "float32")
+NEVER_DECIDE = (0.0, 1.01)  # a band holding every probability
+log = logging.getLogger(__name__)
+
+
+def outputs(clf: Classifier, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """P(ALL) and features of every image, in batches."""
+    p, f = [], []
+    for i in range(0, len(images), batch_size):
+        probabilities, features = clf.run(images[i:i + batch_size])
+        if features is None:
+            raise ValueError(f"{clf.path.name} has no feature output: re-export it (`python -m model export`)")
+        p.append(clf.p_all(probabilities))
+        f.append(features)
+    return np.concatenate(p), np.concatenate(f)
+
+
+def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
+    """Fit and store the decision policy of every artifact kind; returns the card's `decision` section."""
+    card_path = out_dir / CARD_NAME
+    card = json.loads(card_path.read_text())
+    dataset, samples = data.load_dataset(root)
+    splits = data.load_splits(dataset, samples, seed)
+    limit = card.get("data", {}).get("limit_per_split")
+    if limit:  # a smoke run's artifacts: fit on the subset it trained on
+        rng = np.random.default_rng(card.get("training", {}).get("seed", seed))
+        splits = {k: [v[i] for i in sorted(rng.permutation(len(v))[:limit])] for k, v in splits.items()}
+    size = int(card["input_size"])
+    images = {k: data.load_images(root, splits[k], size) for k in ("train", "val")}
+    labels = {k: np.array([s.label for s in splits[k]]) for k in ("train", "val")}
+    colour = FeatureDensity.fit(image_statistics(images["train"])["colour_vector"], np.zeros(len(images["train"])),
+                                [COLOUR_WIDTH])
+    val_stats = image_statistics(images["val"])
+    colour = colour.scaled(val_stats["colour_vector"])
+    val_stats["colour"] = colour.score(val_stats["colour_vector"])
+    quality = fit_quality_thresholds(val_stats)
+    passed_quality = np.array([r is None for r in quality_reasons(val_stats, quality)])
+    n_val = len(labels["val"])
+    ood_budget = int(math.floor(MAX_GATE_REFUSAL * n_val)) - int((~passed_quality).sum())
+    section: dict = {"quality": quality, "min_jpeg_quality": MIN_JPEG_QUALITY}
+    densities, fit_report = {"colour": colour}, {}
+    for kind in KINDS:
+        clf = Classifier.load(out_dir / card["artifacts"][kind]["file"], require_policy=False)
+        p_train, f_train = outputs(clf, images["train"])
+        p_val, f_val = outputs(clf, images["val"])
+        density = FeatureDensity.fit(f_train, labels["train"], card["feature_segments"]).scaled(f_val[passed_quality])
+        scores = density.score(f_val)
+        candidates = np.sort(scores[passed_quality])[::-1]
+        ood_threshold = float(candidates[max(ood_budget, 0)]) if len(candidates) > max(ood_budget, 0) else float("inf")
+        answered = passed_quality & (scores <= ood_threshold)
+        y, p = labels["val"][answered], p_val[answered]
+        threshold = choose_threshold(y, p, MIN_SENSITIVITY)
+        try:
+            calibration = Calibration.fit(p, y)
+            band = choose_band(y, p, (threshold, calibration.inverse(0.5)), BAND_SENSITIVITY, BAND_SPECIFICITY)
+        except ValueError as exc:  # the model cannot meet the targets anywhere: it never decides
+            log.warning("%s %s: %s; every answer will be borderline", card["name"], kind, exc)
+            calibration, band = Calibration(), NEVER_DECIDE
+        densities[kind] = density
+        section[kind] = {"threshold": threshold, "band": list(band), "temperature": calibration.temperature,
+                         "bias": calibration.bias, "ood_threshold": ood_threshold}
+        in_band = (p >= band[0]) & (p < band[1])
+        fit_report[kind] = {"validation_images": n_val, "refused_quality": int((~passed_quality).sum()),
+                            "refused_unfamiliar": int((passed_quality & ~answered).sum()),
+                            "borderline": int(in_band.sum())}
+    gate_file = out_dir / f"{card['name']}_gate.npz"
+    save_densities(gate_file, densities)
+    section["gate_file"] = {"file": gate_file.name, "sha256": file_sha256(gate_file)}
+    section["validation_fit"] = fit_report
+    section["rules"] = (f"gate thresholds on the validation split (quality: no image refused; out-of-distribution "
+                        f"score: at most {MAX_GATE_REFUSAL:.0%} refused in all); on the images it passes: "
+                        f"temperature and bias by maximum likelihood, threshold = highest P(ALL) with sensitivity "
+                        f">= {MIN_SENSITIVITY}, band = narrowest containing the threshold and calibrated 0.5 "
+                        f"outside which sensitivity >= {BAND_SENSITIVITY} and specificity >= {BAND_SPECIFICITY}")
+    card["decision"] = section
+    card["threshold"] = section["int8"]["threshold"]
+    card["operating_point"] = (f"highest P(ALL) threshold with validation sensitivity >= {MIN_SENSITIVITY}, chosen "
+                               f"on the int8 artifact's own outputs (each artifact kind has its own in `decision`)")
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return section
