@@ -139,6 +139,7 @@ class Classifier:
 
         `jpeg_quality` (optional, per image, from `model.preprocess.jpeg_quality` of the payload)
         lets the gate refuse heavily compressed JPEGs, which the tensor alone does not show.
+        The first call limits NumPy's BLAS to one thread for the process (see `model.gate`).
         """
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         probabilities, features = self._run(batch)
