@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from model import data
+from model.calibration import wilson
 from model.classifier import CARD_NAME, DEFAULT_ARTIFACT
 
 
@@ -100,25 +101,32 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_classify(args: argparse.Namespace) -> None:
     from model.classifier import Classifier
     from model.metrics import binary_metrics, outcome, summary_line
-    from model.preprocess import ImageError, preprocess_file
+    from model.preprocess import ImageError, jpeg_quality, preprocess
 
     root = data.data_root(args.data)
     clf = Classifier.load(args.artifact or DEFAULT_ARTIFACT)
     dataset, samples = data.load_dataset(root)
     if args.split != "all":
         samples = data.load_splits(dataset, samples, args.seed)[args.split]
-    labels, decisions = [], []
+    labels, decisions, refused = [], [], 0
     for s in samples:
         try:
-            tensor = preprocess_file(root / s.path, clf.input_size)
+            payload = (root / s.path).read_bytes()
+            tensor = preprocess(payload, clf.input_size)
         except ImageError as exc:
             logging.error("%s: %s (%s)", s.path, exc.message, exc.code)
             continue
-        result = clf.diagnose(clf.classify(tensor[None]))[0]
-        logging.info("%s: %s (P(ALL) %.4f)", s.path, outcome(s.label, result.positive), result.p_all)
+        result = clf.assess(tensor[None], [jpeg_quality(payload)])[0]
+        if result.label == "Indeterminate":
+            refused += 1
+            logging.info("%s: Indeterminate (%s) (P(ALL) %.4f)", s.path, result.reason, result.p_all)
+            continue
+        logging.info("%s: %s (P(ALL) %.4f, confidence %.4f)", s.path, outcome(s.label, result.positive), result.p_all,
+                     result.confidence)
         labels.append(s.label)
         decisions.append(result.positive)
-    logging.info("%s", summary_line(binary_metrics(labels, decisions)))
+    logging.info("%s | Indeterminate %d of %d", summary_line(binary_metrics(labels, decisions)), refused,
+                 refused + len(labels))
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:
@@ -128,19 +136,71 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> None:
-    """The README's results table, from the committed model cards."""
-    print(results_table(sorted(DEFAULT_ARTIFACT.parent.parent.glob(f"*/{CARD_NAME}"))))
+    """The README's results tables, from the committed model cards."""
+    cards = sorted(DEFAULT_ARTIFACT.parent.parent.glob(f"*/{CARD_NAME}"))
+    print(results_table(cards))
+    print()
+    print(trust_tables(cards))
+
+
+def _rate(r: dict) -> str:
+    return f"{r['rate']:.3f} ({r['ci95'][0]:.3f}–{r['ci95'][1]:.3f})" if r["n"] else "–"
+
+
+def trust_tables(cards: list[Path]) -> str:
+    """Served answers (gate, band, calibration) per artifact; subtypes and predictive values of the default."""
+    rows = ["| served answers, test split (489 images) | refused by the gate | borderline | refused in all (95 % CI) "
+            "| sensitivity on answered (95 % CI) | specificity on answered (95 % CI) | ECE of P(ALL) before → after "
+            "| failed captures + photographs refused | BCCD fields / white-cell crops refused | OOD-score AUROC |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    default = None
+    for path in cards:
+        card = json.loads(path.read_text())
+        trust = card.get("metrics", {}).get("trust")
+        if not trust:
+            continue
+        if path.parent == DEFAULT_ARTIFACT.parent:
+            default = card
+        ood = trust["out_of_distribution"]
+        bccd = " / ".join(f"{ood['sets'][k]['total']['rate']:.3f}" for k in ("bccd_fields", "bccd_white_cells")
+                          if k in ood["sets"])
+        for kind in ("int8", "float32"):
+            t = trust[kind]
+            r, a, c = t["refusal"], t["answered"], t["calibration"]
+            extra = (f"{_rate(ood['summary']['failed_and_photographs_refused'])} | {bccd} | "
+                     f"{ood['summary']['auroc_ood_score_failed_and_photographs']:.3f}") if kind == "int8" else " | | "
+            rows.append(f"| `{card['name']}` {kind} | {r['gate']['k']} ({r['gate']['rate']:.3f}) | {r['borderline']['k']} "
+                        f"({r['borderline']['rate']:.3f}) | {r['total']['k']}: {_rate(r['total'])} | {_rate(a['sensitivity'])} "
+                        f"| {_rate(a['specificity'])} | {c['ece_p_all_before']:.3f} → {c['ece_p_all_after']:.3f} | {extra} |")
+    if default:
+        t = default["metrics"]["trust"]["int8"]["answered"]
+        rows += ["", f"`{default['name']}` int8 on the answered test images, per class (share answered correctly):", "",
+                 "| class | correct / answered | rate (95 % CI) |", "|---|---|---|"]
+        rows += [f"| {name} | {r['k']} / {r['n']} | {_rate(r)} |" for name, r in t["per_subtype_correct"].items()]
+        rows += ["", "Predictive values of those decisions at a stated prevalence of ALL among the smears sent:", "",
+                 "| prevalence | PPV | NPV |", "|---|---|---|"]
+        rows += [f"| {prev} | {v['ppv']:.3f} | {v['npv']:.4f} |" for prev, v in t["predictive_values"].items()]
+    return "\n".join(rows)
 
 
 def results_table(cards: list[Path]) -> str:
     def f(m: dict | None, key: str) -> str:
         return f"{m[key]:.3f}" if m and key in m else "–"
 
+    def ci(m: dict | None, key: str) -> str:
+        """A rate with its Wilson 95 % interval, from the counts."""
+        if not m or key not in m:
+            return "–"
+        k, n = (m["tp"], m["tp"] + m["fn"]) if key == "sensitivity" else (m["tn"], m["tn"] + m["fp"])
+        low, high = wilson(k, n)
+        return f"{m[key]:.3f} ({low:.3f}–{high:.3f})"
+
     def cv(card: dict, mode: str, key: str) -> str:
         entry = card.get("metrics", {}).get("cv", {}).get(mode, {}).get(key)
         return f"{entry['mean']:.3f} ± {entry['sd']:.3f}" if entry else "–"
 
-    rows = ["| model (test split, 489 images) | balanced acc. | sensitivity | specificity | ROC AUC | grayscale: "
+    rows = ["| model (test split, 489 images, plain threshold) | balanced acc. | sensitivity (95 % CI) | specificity (95 % CI) "
+            "| ROC AUC | grayscale: "
             "bal. acc. / AUC | hue-shifted: bal. acc. / AUC | int8 = float32 | 5-fold CV bal. acc. | 5-fold CV AUC |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     baseline = None
@@ -155,14 +215,14 @@ def results_table(cards: list[Path]) -> str:
                 else ("", "")
             served = " (served default)" if path.parent == DEFAULT_ARTIFACT.parent and kind == "int8" else ""
             rows.append(f"| `{card['name']}` {kind}{served} "
-                        f"| {f(c, 'balanced_accuracy')} | {f(c, 'sensitivity')} | {f(c, 'specificity')} | "
+                        f"| {f(c, 'balanced_accuracy')} | {ci(c, 'sensitivity')} | {ci(c, 'specificity')} | "
                         f"{f(c, 'roc_auc')} | {f(g, 'balanced_accuracy')} / {f(g, 'roc_auc')} | "
                         f"{f(h, 'balanced_accuracy')} / {f(h, 'roc_auc')} | {agreement} | {cv_cells[0]} | {cv_cells[1]} |")
     if baseline:
         for name, label in (("colour_statistics", "15 colour statistics"), ("grayscale_statistics", "5 grey statistics")):
             b = baseline[name]
             rows.append(f"| logistic regression on {label} (no network) | {f(b, 'balanced_accuracy')} | "
-                        f"{f(b, 'sensitivity')} | {f(b, 'specificity')} | {f(b, 'roc_auc')} | | | | | |")
+                        f"{ci(b, 'sensitivity')} | {ci(b, 'specificity')} | {f(b, 'roc_auc')} | | | | | |")
     return "\n".join(rows)
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, roc_auc_score
 
+from model.calibration import wilson
+
 
 def binary_metrics(y_true, y_pred, scores=None) -> dict:
-    """Counts and rates for binary labels (1 = ALL); ROC AUC when scores are given."""
+    """Counts and rates for binary labels (1 = ALL), Wilson 95 % intervals of sensitivity and
+    specificity; ROC AUC when scores are given."""
     y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel())
     sensitivity = tp / (tp + fn) if tp + fn else float("nan")
@@ -17,7 +20,9 @@ def binary_metrics(y_true, y_pred, scores=None) -> dict:
         "accuracy": (tp + tn) / len(y_true) if len(y_true) else float("nan"),
         "balanced_accuracy": (sensitivity + specificity) / 2,
         "sensitivity": sensitivity,
+        "sensitivity_ci95": list(wilson(tp, tp + fn)),
         "specificity": specificity,
+        "specificity_ci95": list(wilson(tn, tn + fp)),
         "precision": float(precision_score(y_true, y_pred, zero_division=0)),
         "f1": float(f1_score(y_true, y_pred, zero_division=0)),
     }

@@ -122,6 +122,8 @@ def gate_on_bytes(clf: Classifier, payloads: list[bytes], labels: np.ndarray | N
     diagnoses = assess_all(clf, images, [jpeg_quality(b) for b in payloads])
     out = refusal(diagnoses)
     out["decisions"] = dict(Counter(d.label for d in diagnoses if d.label != "Indeterminate"))
+    plain = np.array([d.p_all for d in diagnoses]) >= clf.threshold
+    out["without_gate"] = {"Positive": int(plain.sum()), "Negative": int((~plain).sum())}
     if labels is not None:
         decided = np.array([d.label != "Indeterminate" for d in diagnoses])
         right = np.array([d.positive == bool(y) for d, y in zip(diagnoses, labels, strict=True)])
@@ -195,7 +197,7 @@ def reliability_plot(path: Path, title: str, labels: np.ndarray, p_all: np.ndarr
     ax.set_xlabel("predicted P(ALL) (15 bins; numbers: images per bin)")
     ax.set_ylabel("observed share of ALL")
     ax.set_title(title)
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
