@@ -11,6 +11,7 @@ from pathlib import Path
 from model import data
 from model.calibration import wilson
 from model.classifier import CARD_NAME, DEFAULT_ARTIFACT
+from model.metrics import with_intervals
 
 
 def _artifact_dir(path: str | None) -> Path:
@@ -230,7 +231,7 @@ def _store(out_dir: Path, metrics: dict) -> None:
     """Merge metrics into a model card."""
     card_path = out_dir / CARD_NAME
     card = json.loads(card_path.read_text())
-    card["metrics"] = {**card.get("metrics", {}), **metrics}
+    card["metrics"] = with_intervals({**card.get("metrics", {}), **metrics})
     card_path.write_text(json.dumps(card, indent=2) + "\n")
 
 

@@ -15,7 +15,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E40
 
 from model import data  # noqa: E402
 from model.classifier import CARD_NAME, Classifier  # noqa: E402
-from model.metrics import binary_metrics  # noqa: E402
+from model.metrics import binary_metrics, with_intervals  # noqa: E402
 
 STRESS_MODES = ("colour", "grayscale", "hue_saturation")
 HUE_SHIFT_DEG = 90.0  # purple stain turned anywhere from red to blue
@@ -69,7 +69,7 @@ def evaluate_artifacts(out_dir: Path, root: Path, seed: int = 42) -> dict:
         p_all[kind] = clf.p_all(predict(clf, images))
     metrics["int8_agreement"] = {m: float(np.mean(decisions["float32", m] == decisions["int8", m]))
                                  for m in STRESS_MODES}
-    card["metrics"] = {**card.get("metrics", {}), **metrics}
+    card["metrics"] = with_intervals({**card.get("metrics", {}), **metrics})
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     _plots(out_dir, card, labels, p_all["int8"], decisions["int8", "colour"])
     return card["metrics"]

@@ -31,6 +31,20 @@ def binary_metrics(y_true, y_pred, scores=None) -> dict:
     return result
 
 
+def with_intervals(tree):
+    """A copy of a metrics tree in which every dict holding confusion counts also holds the Wilson
+    95 % intervals of its sensitivity and specificity (for cards written before they were recorded)."""
+    if isinstance(tree, list):
+        return [with_intervals(v) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: with_intervals(v) for k, v in tree.items()}
+    if {"tp", "fn", "tn", "fp", "sensitivity"} <= out.keys():
+        out["sensitivity_ci95"] = list(wilson(out["tp"], out["tp"] + out["fn"]))
+        out["specificity_ci95"] = list(wilson(out["tn"], out["tn"] + out["fp"]))
+    return out
+
+
 def outcome(label: int, positive: bool) -> str:
     """The original project's wording for one image's result."""
     if positive:

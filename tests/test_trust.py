@@ -147,3 +147,16 @@ def test_band_meets_its_targets_outside_and_contains_the_threshold():
     positive = p >= high
     assert np.sum(positive & decided & (labels == 1)) / np.sum(decided & (labels == 1)) >= 0.995
     assert np.sum(~positive & decided & (labels == 0)) / np.sum(decided & (labels == 0)) >= 0.99
+
+
+def test_keras_artifact_assesses_like_float32(data_root, held_out):
+    """Evaluation path: the `.keras` file (TensorFlow) uses float32's policy and answers alike."""
+    test, _ = held_out
+    folder = DEFAULT_ARTIFACT.parent
+    card = json.loads((folder / CARD_NAME).read_text())
+    images = data.load_images(data_root, test[:16], card["input_size"])
+    keras_answers = Classifier.load(folder / card["artifacts"]["keras"]["file"]).assess(images)
+    float_answers = Classifier.load(folder / card["artifacts"]["float32"]["file"]).assess(images)
+    assert [d.label for d in keras_answers] == [d.label for d in float_answers]
+    for k, f in zip(keras_answers, float_answers, strict=True):
+        assert abs(k.p_all - f.p_all) < 1e-3 and abs(k.ood_score - f.ood_score) < 1e-2
