@@ -40,7 +40,8 @@ COLOUR_WIDTH = 3
 
 def _statistics(image: np.ndarray) -> tuple[float, ...]:
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    mean, std = (float(v[0, 0]) for v in cv2.meanStdDev(grey))
+    mean = cv2.mean(grey)[0]
+    std = max(cv2.norm(grey, cv2.NORM_L2SQR) / grey.size - mean * mean, 0.0) ** 0.5  # faster than meanStdDev
     laplacian = cv2.Laplacian(grey, cv2.CV_32F, ksize=1)
     focus = cv2.norm(laplacian, cv2.NORM_L2SQR) / grey.size / max(std * std, 1e-8)  # its mean is ~0
     clipped = cv2.countNonZero(cv2.compare(grey, 0.9999, cv2.CMP_GE)) / grey.size  # white in all channels

@@ -5,7 +5,7 @@ Card layout (written by `python -m model calibrate`):
 
     "decision": {
       "quality": {"contrast_below": ..., ...},        # image-quality thresholds (shared by all kinds)
-      "min_jpeg_quality": 30,                           # for callers that pass the payload's JPEG quality
+      "min_jpeg_quality": 20,                           # for callers that pass the payload's JPEG quality
       "gate_file": {"file": "<name>_gate.npz", "sha256": "..."},   # feature and colour densities
       "int8": {"threshold": t, "band": [low, high], "temperature": T, "bias": b, "ood_threshold": s},
       "float32": {...}                                  # the `.keras` artifact uses these too

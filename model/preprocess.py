@@ -61,27 +61,33 @@ def read_header(data: bytes) -> tuple[int, int, str]:
         raise ImageError("not_an_image", f"unreadable image header: {type(exc).__name__}") from None
 
 
-# libjpeg's standard luminance quantisation table (quality 50), in natural order as Pillow gives it.
-_JPEG_LUMINANCE = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69,
-                            56, 14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81,
-                            104, 113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], float)
+# libjpeg's standard luminance quantisation table (quality 50), in the zigzag order a DQT segment uses.
+_JPEG_LUMINANCE_ZIGZAG = np.array([16, 11, 12, 14, 12, 10, 16, 14, 13, 14, 18, 17, 16, 19, 24, 40, 26, 24, 22, 22, 24,
+                                   49, 35, 37, 29, 40, 58, 51, 61, 60, 57, 51, 56, 55, 64, 72, 92, 78, 64, 68, 87, 69,
+                                   55, 56, 80, 109, 81, 87, 95, 98, 103, 104, 103, 62, 77, 113, 121, 112, 100, 120, 92,
+                                   101, 103, 99], float)
 
 
 def jpeg_quality(data: bytes) -> int | None:
-    """Estimated libjpeg quality (1-100) of a JPEG from its luminance quantisation table (header
-    only), or None for other formats. Heavy compression destroys detail that a resized tensor hides."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
-                tables = getattr(img, "quantization", None) if img.format == "JPEG" else None
-    except Exception:  # noqa: BLE001 - hostile bytes; `preprocess` reports them
+    """Estimated libjpeg quality (1-100) of a JPEG from its first luminance quantisation table, or
+    None for other formats and unreadable headers. Reads the marker segments before the scan only
+    (bounded, no decoding). Heavy compression destroys detail that a resized tensor hides."""
+    if data[:2] != b"\xff\xd8":
         return None
-    if not tables or len(tables.get(0, ())) != 64:
-        return None
-    scale = float(np.mean(np.asarray(tables[0], float) / _JPEG_LUMINANCE)) * 100
-    quality = (200 - scale) / 2 if scale <= 100 else 5000 / scale
-    return int(np.clip(round(quality), 1, 100))
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA or length < 2:  # start of scan: no table before it
+            return None
+        if marker == 0xDB:
+            segment = data[pos + 4:pos + 2 + length]
+            if len(segment) < 65 or segment[0] >> 4 != 0 or segment[0] & 0x0F != 0:
+                return None  # only an 8-bit table 0 first is read
+            scale = float(np.mean(np.frombuffer(segment[1:65], np.uint8) / _JPEG_LUMINANCE_ZIGZAG)) * 100
+            quality = (200 - scale) / 2 if scale <= 100 else 5000 / scale
+            return int(np.clip(round(quality), 1, 100))
+        pos += 2 + length
+    return None
 
 
 def reduction_factor(width: int, height: int, target: int) -> int:

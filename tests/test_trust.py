@@ -160,3 +160,14 @@ def test_keras_artifact_assesses_like_float32(data_root, held_out):
     assert [d.label for d in keras_answers] == [d.label for d in float_answers]
     for k, f in zip(keras_answers, float_answers, strict=True):
         assert abs(k.p_all - f.p_all) < 1e-3 and abs(k.ood_score - f.ood_score) < 1e-2
+
+
+def test_jpeg_quality_is_read_from_the_header():
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for quality in (10, 20, 50, 75, 95):
+        estimate = jpeg_quality(ood.encode(image, ".jpg", quality))
+        assert abs(estimate - quality) <= 3, (quality, estimate)
+    jpeg = ood.encode(image, ".jpg", 50)
+    assert jpeg_quality(ood.encode(image)) is None  # PNG
+    for bad in (b"", b"\xff\xd8", jpeg[:30], b"\xff\xd8\xff\xdb\xff\xff" + b"\x00" * 10, b"not an image"):
+        assert jpeg_quality(bad) is None
