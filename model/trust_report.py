@@ -273,6 +273,16 @@ def evaluate_trust(out_dir: Path, root: Path, seed: int = 42, bccd_root: Path | 
             trust["out_of_distribution"] = out_of_distribution(clf, root, test, test_scores, bccd_root)
             trust["stress"] = stress_refusal(clf, images, labels, subtypes, seed)
             trust["explanation"] = explanation_figures(clf, images, labels, DOCS / f"explanations_{card['name']}.png")
+    trust = _no_nan(trust)
     card["metrics"] = {**card.get("metrics", {}), "trust": trust}
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    card_path.write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
     return trust
+
+
+def _no_nan(tree):
+    """Undefined rates (nothing answered) as null, so the card stays strict JSON."""
+    if isinstance(tree, dict):
+        return {k: _no_nan(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_no_nan(v) for v in tree]
+    return None if isinstance(tree, float) and tree != tree else tree
