@@ -25,7 +25,8 @@ _REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMR
 
 
 _JPEG_END = b"\xff\xd9"
-_JPEG_TAIL = 4096  # encoders may pad after the end-of-image marker
+_JPEG_START_OF_SCAN = 0xDA
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: markers without a length
 
 
 class ImageError(ValueError):
@@ -61,6 +62,29 @@ def read_header(data: bytes) -> tuple[int, int, str]:
         raise ImageError("not_an_image", f"unreadable image header: {type(exc).__name__}") from None
 
 
+def _jpeg_complete(data: bytes) -> bool:
+    """The main image's scan data ends with an end-of-image marker (whatever follows it: phone "motion
+    photos" append a video). Segments before the scan are skipped by their lengths, so a complete
+    thumbnail inside EXIF does not count; scan data never holds FF D9 (0xFF is stuffed as FF 00).
+    OpenCV would otherwise decode a truncated file and fill the missing part with grey."""
+    at = 2  # after SOI
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            at += 2
+            continue
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if marker == _JPEG_START_OF_SCAN:
+            return data.find(_JPEG_END, at + 2 + length) != -1
+        at += 2 + length
+    return False
+
+
 def reduction_factor(width: int, height: int, target: int) -> int:
     """Largest OpenCV reduction (1, 2, 4, 8) that keeps the short side at or above `target`."""
     short = min(width, height)
@@ -82,7 +106,7 @@ def preprocess(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> n
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
         raise ImageError("bad_aspect_ratio",
                          f"{fmt} image of {width}x{height} exceeds aspect ratio {limits.max_aspect_ratio}")
-    if fmt == "JPEG" and _JPEG_END not in data[-_JPEG_TAIL:]:
+    if fmt == "JPEG" and not _jpeg_complete(data):
         raise ImageError("not_an_image", f"truncated JPEG of {width}x{height}: no end-of-image marker")
     flag = _REDUCED_FLAGS[reduction_factor(width, height, size)]
     try:
