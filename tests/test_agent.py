@@ -36,7 +36,8 @@ def test_status_is_retained_online_then_offline_on_sigterm(broker, client, onlin
     assert message.payload == b"ONLINE" and message.retain and message.qos == 1
     late.close()
     assert online.terminate() == 0
-    assert client.expect(STATUS, 15, lambda m: m.payload == b"OFFLINE")
+    offline = client.expect(STATUS, 15, lambda m: m.payload == b"OFFLINE")
+    assert dict(offline.properties.UserProperty)["reason"] == "shutdown"  # the agent's own, not its Last Will
     after = Client(broker.port).subscribe(STATUS)
     assert after.expect(STATUS).payload == b"OFFLINE"
     after.close()
@@ -45,7 +46,7 @@ def test_status_is_retained_online_then_offline_on_sigterm(broker, client, onlin
 def test_last_will_publishes_offline_after_kill_9(broker, client, online):
     online.kill()
     message = client.expect(STATUS, 20, lambda m: m.payload == b"OFFLINE")
-    assert message.qos == 1
+    assert message.qos == 1 and dict(message.properties.UserProperty)["reason"] == "connection lost"
 
 
 def test_life_has_numeric_hias_fields(client, online):

@@ -388,3 +388,43 @@ def test_ready_without_broker_and_watchdog_stops_when_disconnected_too_long(tmp_
             pass
     assert beats and beats[-1] < deadline - 2.5, "WATCHDOG=1 went on although the broker was unreachable"
     sock.close()
+
+
+def test_a_hung_inference_stops_the_watchdog():
+    """An `invoke()` that never returns is reported, so systemd's watchdog restarts the agent."""
+    import numpy as np
+
+    from agent.config import parse
+    from agent.service import ClassificationService, Job
+    from agent.session import Inbound, MqttSession
+    from agent.topics import Topics
+    from model.classifier import DEFAULT_ARTIFACT, Classifier
+
+    config = parse({})
+    classifier = Classifier.load(DEFAULT_ARTIFACT)
+    release = threading.Event()
+    hung = threading.Event()
+
+    def hang(batch):
+        hung.set()
+        release.wait(30)
+        return np.full((len(batch), 2), 0.5, np.float32)
+
+    classifier._run = hang  # what a wedged LiteRT delegate looks like from outside
+    session = MqttSession(config.broker, "hung-test")  # never started: replies just queue
+    service = ClassificationService(config, session, classifier, Topics.from_config(config))
+    service.start()
+    try:
+        assert service.problems(stall_s=0.5) == []
+        job = Job(Inbound("t", b"", None, 1, 1, False, 1), time.perf_counter())
+        job.tensor = np.zeros((classifier.input_size, classifier.input_size, 3), np.float32)
+        service._ready.put(job)
+        assert hung.wait(5)
+        time.sleep(0.8)
+        assert any("one inference has run" in p for p in service.problems(stall_s=0.5))
+    finally:
+        release.set()
+    deadline = time.monotonic() + 5
+    while service.problems(stall_s=0.5) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.problems(stall_s=0.5) == []
