@@ -428,3 +428,43 @@ def test_a_hung_inference_stops_the_watchdog():
     while service.problems(stall_s=0.5) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert service.problems(stall_s=0.5) == []
+
+
+def test_fuzzed_messages_through_the_broker_are_each_answered(broker, client, start_agent, image):
+    """300 mutated requests and 50 junk commands with random properties: every request gets exactly its
+    answer (diagnosis or error), every command its error, and the agent serves on."""
+    import random
+
+    agent = start_agent(broker.port)
+    online(client)
+    rng = random.Random(14)
+    envelope = json.dumps({"id": "x", "name": "n", "image": __import__("base64").b64encode(image).decode()}).encode()
+    seeds = [image, envelope, b'{"id": "a", "image": "AAAA"}', b"[" * 50, b"\xef\xbb\xbf{}"]
+    topics = [None, f"{DIAGNOSIS}/fuzz/r", STATUS, SENSORS, "elsewhere/x", f"{DIAGNOSIS}/+"]
+    for n in range(300):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(0, 8)):
+            at = rng.randrange(len(data))
+            data[at:at + rng.randint(0, 20)] = rng.randbytes(rng.randint(0, 20))
+        client.publish(INFERENCE, bytes(data), response_topic=rng.choice(topics), correlation=f"fz-{n}".encode(),
+                       user=[("name", rng.choice(["a.jpg", "é" * 30, ""]))] if rng.random() < 0.5 else None)
+    for _ in range(50):
+        client.publish(COMMANDS, rng.randbytes(rng.randint(0, 300)))
+    client.subscribe(f"{DIAGNOSIS}/#")
+    seen: dict[str, int] = {}
+    command_errors = 0
+    deadline = time.monotonic() + 60
+    while (len(seen) < 300 or command_errors < 50) and time.monotonic() < deadline:
+        try:
+            message = client.expect(f"{DIAGNOSIS}/#", 2)
+        except AssertionError:
+            continue
+        doc = json.loads(message.payload)
+        correlation = getattr(message.properties, "CorrelationData", b"").decode()
+        if correlation.startswith("fz-"):  # an envelope's own "id" may differ: match on Correlation Data
+            seen[correlation] = seen.get(correlation, 0) + 1
+        elif doc.get("error", {}).get("code") == "bad_command":
+            command_errors += 1
+    assert len(seen) == 300 and set(seen.values()) == {1} and command_errors == 50, (len(seen), command_errors)
+    assert agent.proc.poll() is None and "Traceback" not in agent.log()
+    served(client, image, "after-fuzz")
