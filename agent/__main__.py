@@ -12,6 +12,7 @@ import threading
 import time
 
 from agent.config import ConfigError, load
+from agent.metrics import Metrics
 from agent.protocol import now_iso
 from agent.service import ClassificationService
 from agent.session import MqttSession, Will
@@ -69,7 +70,18 @@ def main(argv: list[str] | None = None) -> int:
                           receive_maximum=config.inference.max_inflight,
                           max_packet_bytes=config.inference.max_payload_bytes,
                           outbox_size=config.telemetry.outbox_size)
-    service = ClassificationService(config, session, classifier, topics)
+    metrics = None
+    if config.metrics.port:
+        metrics = Metrics(lambda: {"inflight": service.open_requests, "connected": session.connected.is_set(),
+                                   "reconnects": max(0, session.connections - 1),
+                                   "telemetry_dropped": session.dropped_telemetry, "model": service.model})
+        try:
+            metrics.serve(config.metrics.port, config.metrics.bind)
+        except OSError as exc:
+            print(f"config error: metrics.port: cannot listen on {config.metrics.bind}:{config.metrics.port} "
+                  f"({exc.strerror})", file=sys.stderr)
+            return EXIT_CONFIG
+    service = ClassificationService(config, session, classifier, topics, metrics)
     started = time.monotonic()
 
     def agent_fields() -> dict:

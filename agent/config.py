@@ -142,6 +142,14 @@ class Telemetry:
 
 
 @dataclass
+class Metrics:
+    """Prometheus metrics at `http://{bind}:{port}/metrics`."""
+
+    port: int = key(0, "Port of the metrics endpoint; 0 = off.", minimum=0, maximum=65535)
+    bind: str = key("127.0.0.1", "Address the endpoint listens on (`0.0.0.0` for every interface).")
+
+
+@dataclass
 class Watchdog:
     """What the systemd watchdog checks before each `WATCHDOG=1` (systemd restarts the agent when they stop)."""
 
@@ -166,6 +174,7 @@ class Config:
     inference: Inference = key(Inference(), "")
     telemetry: Telemetry = key(Telemetry(), "")
     watchdog: Watchdog = key(Watchdog(), "")
+    metrics: Metrics = key(Metrics(), "")
     logging: Logging = key(Logging(), "")
 
     @property

@@ -20,6 +20,7 @@ import numpy as np
 
 from agent import protocol
 from agent.config import MODEL_NAME, Config
+from agent.metrics import Metrics
 from agent.session import Inbound, MqttSession, publish_properties
 from agent.topics import Topics
 from model.classifier import Classifier, ModelError, artifact_path
@@ -57,8 +58,10 @@ class Counters:
 class ClassificationService:
     """Serves `Inference` requests and HIAS `Commands` for one device."""
 
-    def __init__(self, config: Config, session: MqttSession, classifier: Classifier, topics: Topics) -> None:
+    def __init__(self, config: Config, session: MqttSession, classifier: Classifier, topics: Topics,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.session = session
         self.classifier = classifier
         self.topics = topics
@@ -231,6 +234,8 @@ class ClassificationService:
         probabilities = clf.classify(np.stack([job.tensor for job in batch]))
         self._inferring_since = None
         inference_ms = (time.perf_counter() - start) * 1000
+        if self.metrics:
+            self.metrics.batch(len(batch), inference_ms / 1000)
         model = {"name": clf.name, "version": clf.version, "sha256": clf.sha256}
         for job, diagnosis in zip(batch, clf.diagnose(probabilities), strict=True):
             self._reply(job, diagnosis, model, inference_ms, len(batch))
@@ -246,6 +251,8 @@ class ClassificationService:
                              on_acked=lambda refusal: self._replied(job, topic, refusal))
         self.session.publish(self.topics.sensors, protocol.sensors_record(diagnosis, req.id))
         self.counters.add("diagnoses")
+        if self.metrics:
+            self.metrics.answered(diagnosis.label, total_ms / 1000, job.decode_ms / 1000)
         log.info("request id=%s name=%s diagnosis=%s confidence=%.4f batch=%d decode_ms=%.1f inference_ms=%.1f "
                  "total_ms=%.1f", req.id, req.name, diagnosis.label, diagnosis.confidence, batch_size, job.decode_ms,
                  inference_ms, total_ms)
@@ -262,6 +269,8 @@ class ClassificationService:
                      name: str | None = None, to_default: bool = False) -> None:
         if job.request:
             request_id, name = job.request.id, job.request.name
+        if self.metrics:
+            self.metrics.answered(code, time.perf_counter() - job.received)
         self._send_error(job.message, code, message, request_id, name, on_acked=lambda _: self._finish(job),
                          to_default=to_default or code == "bad_response_topic")
 

@@ -158,6 +158,7 @@ class MqttSession:
         self.dropped_telemetry = 0
         self.stale_acks = 0
         self.generation = 0  # connection attempts so far; a message may be acknowledged only on its own
+        self.connections = 0  # successful ones
         self.connected = threading.Event()
         self.failure: str | None = None
         self.failed = threading.Event()
@@ -405,6 +406,7 @@ class MqttSession:
             return
         self._connected_at = time.monotonic()
         self._disconnected_since = None
+        self.connections += 1
         if self.persistent and self._had_session and not flags.session_present:
             log.warning("broker did not keep the session (session present: False): requests queued while the agent "
                         "was away are lost, and any still unanswered will not be redelivered (broker restarted "
