@@ -225,6 +225,11 @@ class VerifiedBundle:
     canary: Canary
 
     @property
+    def created(self) -> datetime:
+        """When the bundle was signed (the manifest's `created`, checked by `verify_bundle`)."""
+        return datetime.fromisoformat(self.manifest["created"])
+
+    @property
     def folder_name(self) -> str:
         """`<name>@<version>-<first 12 hex digits of the bundle's sha256>`."""
         return f"{self.name}@{self.version}-{self.sha256[:12]}"
@@ -372,6 +377,11 @@ def _members(body: bytes) -> tuple[dict, dict[str, bytes]]:
     for key in ("name", "version"):
         if not isinstance(manifest.get(key), str) or not _SAFE_NAME.fullmatch(manifest[key]):
             raise BundleError(f"malformed manifest: unsafe {key}")
+    try:
+        if datetime.fromisoformat(manifest["created"]).tzinfo is None:
+            raise ValueError("no time zone")
+    except (KeyError, TypeError, ValueError):
+        raise BundleError("malformed manifest: created") from None
     entries = manifest.get("members")
     if not isinstance(entries, list) or not 0 < len(entries) <= MAX_MEMBERS:
         raise BundleError("malformed manifest: members")

@@ -17,6 +17,7 @@ import stat
 import struct
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,7 @@ def test_round_trip_installs_the_model_folder_and_its_canary_reproduces(good, ke
     card = read_card(CELLNET)
     assert (bundle.name, bundle.version, bundle.key) == (card["name"], card["version"], keys["pub"])
     assert bundle.sha256 == hashlib.sha256(good).hexdigest()
+    assert 0 <= (datetime.now(UTC) - bundle.created).total_seconds() < 3600
     folder = bundle.install(tmp_path / "models")
     assert folder == tmp_path / "models" / f"cellnet@{card['version']}-{bundle.sha256[:12]}"
     for entry in card["artifacts"].values():  # every file the card lists, byte for byte
@@ -202,8 +204,11 @@ def test_unsafe_member_names_are_refused_even_when_signed(good, keys, tmp_path, 
         b.verify_bundle(crafted, [keys["pub"]], LIMIT)
 
 
-def test_duplicate_members_and_trailing_bytes_are_refused(good, keys):
+def test_duplicate_members_trailing_bytes_and_undated_manifests_are_refused(good, keys):
     manifest, members = unpack(good)
+    for created in (None, "yesterday", "2026-11-26T10:00:00"):
+        with pytest.raises(b.BundleError, match="malformed manifest: created"):
+            b.verify_bundle(pack(manifest | {"created": created}, members, keys["key"]), [keys["pub"]], LIMIT)
     with pytest.raises(b.BundleError, match="duplicate member model_card.json"):
         b.verify_bundle(pack(manifest, [*members, members[0]], keys["key"]), [keys["pub"]], LIMIT)
     with pytest.raises(b.BundleError, match="bytes after the last member"):
