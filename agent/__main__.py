@@ -12,14 +12,18 @@ import threading
 import time
 
 from agent.config import ConfigError, load
+from agent.metrics import Metrics
+from agent.protocol import now_iso
 from agent.service import ClassificationService
 from agent.session import MqttSession, Will
 from agent.telemetry import LifeReporter
 from agent.topics import Topics
-from model.classifier import Classifier
+from model.classifier import Classifier, ModelError, artifact_path
 
 log = logging.getLogger("allds.agent")
-DRAIN_TIMEOUT_S = 10.0
+DRAIN_TIMEOUT_S = 2.5  # with the last OFFLINE and the DISCONNECT, SIGTERM is honoured within 5 s
+EXIT_CONFIG = 2  # systemd: RestartPreventExitStatus=2
+LIFE_ON_CONNECT_GAP_S = 60.0  # a reconnect sends Life unless one went out this recently
 
 
 def sd_notify(state: str) -> None:
@@ -51,35 +55,50 @@ def main(argv: list[str] | None = None) -> int:
         password = config.password()
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     logging.basicConfig(level=config.logging.level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        classifier = Classifier.load(config.model_path, config.model.threads)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"model error: {config.model_path}: {exc}", file=sys.stderr)
-        return 2
+        classifier = Classifier.load(artifact_path(config.model_dir, config.model.name, config.model.variant),
+                                     config.model.threads)
+    except (OSError, ModelError) as exc:
+        print(f"model error: {config.model.name}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     topics = Topics.from_config(config)
-    session = MqttSession(config.broker, config.client_id, password, will=Will(topics.status, "OFFLINE"),
+    session = MqttSession(config.broker, config.client_id, password,
+                          will=Will(topics.status, "OFFLINE", (("reason", "connection lost"),)),
                           receive_maximum=config.inference.max_inflight,
+                          max_packet_bytes=config.inference.max_payload_bytes,
                           outbox_size=config.telemetry.outbox_size)
-    service = ClassificationService(config, session, classifier, topics)
+    metrics = None
+    if config.metrics.port:
+        metrics = Metrics(lambda: {"inflight": service.open_requests, "connected": session.connected.is_set(),
+                                   "reconnects": max(0, session.connections - 1),
+                                   "telemetry_dropped": session.dropped_telemetry, "model": service.model})
+        try:
+            metrics.serve(config.metrics.port, config.metrics.bind)
+        except OSError as exc:
+            print(f"config error: metrics.port: cannot listen on {config.metrics.bind}:{config.metrics.port} "
+                  f"({exc.strerror})", file=sys.stderr)
+            return EXIT_CONFIG
+    service = ClassificationService(config, session, classifier, topics, metrics)
     started = time.monotonic()
 
     def agent_fields() -> dict:
         c = service.counters
         return {"uptime_s": round(time.monotonic() - started, 1), "model": service.classifier.name,
-                "model_version": service.classifier.version, "requests": c.requests, "diagnoses": c.diagnoses,
-                "errors": c.errors, "commands": c.commands, "open_requests": service.open_requests,
-                "dropped_telemetry": session.dropped_telemetry}
+                "model_version": service.classifier.version, "model_sha256": service.classifier.sha256,
+                "requests": c.requests, "diagnoses": c.diagnoses, "errors": c.errors, "commands": c.commands,
+                "open_requests": service.open_requests, "dropped_telemetry": session.dropped_telemetry,
+                "stale_acks": session.stale_acks}
 
     life = LifeReporter(config.telemetry, lambda body: session.publish(topics.life, body, droppable=True),
                         agent_fields)
     service.on_life_command = life.trigger
 
-    def announce() -> None:
+    def announce(resumed: bool) -> None:
         session.publish(topics.status, "ONLINE", retain=True)
-        life.trigger()
+        life.trigger(min_gap_s=LIFE_ON_CONNECT_GAP_S)
 
     session.on_connected(announce)
     service.start()
@@ -90,20 +109,31 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting: model %s %s (%s), base topic %s, broker %s:%s", classifier.name, classifier.version,
              classifier.path.name, topics.base, config.broker.host, config.broker.port)
     session.start()
-    ready_sent = False
+    sd_notify("READY=1")  # serving runs; the connection comes and goes and is the watchdog's business
     beat = watchdog_interval()
-    while not stop.wait(min(beat or 1.0, 1.0)):
-        if not ready_sent and session.connected.is_set():
-            sd_notify("READY=1")
-            ready_sent = True
-        if beat and service.healthy():
+    reported: set[str] = set()
+    while not stop.wait(min(beat or 1.0, 1.0)) and not session.failed.is_set():
+        problems = service.problems(config.watchdog.stall_s) + \
+            session.problems(config.watchdog.stall_s, config.watchdog.max_disconnected_s)
+        for problem in set(problems) - reported:
+            log.error("unhealthy, watchdog pings stop: %s", problem)
+        reported = set(problems)
+        if beat and not problems:
             sd_notify("WATCHDOG=1")
+    if session.failed.is_set():
+        log.error("%s", session.failure)
+        sd_notify("STOPPING=1")
+        service.drain(0)
+        life.stop()
+        session.stop()
+        return EXIT_CONFIG
     log.info("stopping: finishing %d open requests", service.open_requests)
     sd_notify("STOPPING=1")
-    drained = service.drain(DRAIN_TIMEOUT_S)
+    connected = session.connected.is_set()
+    drained = service.drain(DRAIN_TIMEOUT_S if connected else 0)
     life.stop()
-    session.wait_acked(DRAIN_TIMEOUT_S)
-    session.stop(last=(topics.status, "OFFLINE"))
+    session.wait_acked(1.0 if connected else 0)
+    session.stop(last=(topics.status, "OFFLINE", [("reason", "shutdown"), ("ts", now_iso())]), timeout=1.0)
     log.info("stopped%s", "" if drained else " (some requests left unacknowledged; the broker redelivers them)")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import stat
 import sys
 import types
@@ -25,22 +26,36 @@ class ConfigError(Exception):
     """A config problem, reported as one line naming the key."""
 
 
-def key(default, doc: str, choices: tuple | None = None, minimum: float | None = None):
-    """A schema field: default, meaning, and optional allowed values or lower bound."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum}
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TOPIC_LEVEL = re.compile(r"[^/#+$\x00][^/#+\x00]*")  # one topic level: no separator, wildcard, `$` start or NUL
+MAX_MQTT_PACKET = 268_435_455
+
+
+def key(default, doc: str, choices: tuple | None = None, minimum: float | None = None, maximum: float | None = None,
+        pattern: re.Pattern | None = None, pattern_doc: str | None = None):
+    """A schema field: default, meaning, and optional allowed values, bounds or pattern."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum, "pattern": pattern,
+            "pattern_doc": pattern_doc}
     if dataclasses.is_dataclass(default):
         return field(default_factory=type(default), metadata=meta)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def topic_id(default: str, doc: str):
+    """An id used as one MQTT topic level (HIAS ids, client ids)."""
+    return key(default, doc, pattern=TOPIC_LEVEL, pattern_doc="one topic level: no `/`, `#`, `+`, leading `$` or NUL")
 
 
 @dataclass
 class Hias:
     """The device as HIAS registered it; topics are `{location}/{topic_root}/{zone}/{device}/...`."""
 
-    location: str = key("allds-location", "HIAS location id (first topic level).")
-    zone: str = key("allds-zone", "HIAS zone id.")
-    device: str = key("allds-device", "HIAS device id.")
-    name: str = key("allds-agent", "Device name; the default MQTT client id.")
+    location: str = topic_id("allds-location", "HIAS location id (first topic level).")
+    zone: str = topic_id("allds-zone", "HIAS zone id.")
+    device: str = topic_id("allds-device", "HIAS device id.")
+    name: str = topic_id("allds-agent", "Device name; the default MQTT client id (unique per agent).")
     topic_root: str = key("Devices", "`Devices` for HIAS 1.x/2.x, `Agents` for HIAS 3.",
                           choices=("Devices", "Agents"))
 
@@ -60,18 +75,22 @@ class Broker:
     """The MQTT broker connection."""
 
     host: str = key("127.0.0.1", "Broker host name or address.")
-    port: int = key(1883, "Broker port (1883 plain, 8883 TLS).", minimum=1)
+    port: int = key(1883, "Broker port (1883 plain, 8883 TLS).", minimum=1, maximum=65535)
     username: str | None = key(None, "MQTT user name (HIAS generates one per device).")
     password_env: str | None = key(None, "Name of the environment variable holding the password.")
-    password_file: str | None = key(None, "File holding the password; must not be readable by group or others.")
-    client_id: str | None = key(None, "MQTT client id; default `hias.name`. Fixed, so the session persists.")
-    keepalive: int = key(60, "MQTT keepalive in seconds.", minimum=5)
+    password_file: str | None = key(None, "File holding the password; not readable by others, not writable by group or "
+                                          "others (e.g. root:allds 0640).")
+    client_id: str | None = topic_id(None, "MQTT client id; default `hias.name`. Fixed, so the session persists; "
+                                           "two agents with one id take the session from each other (the second "
+                                           "one to connect wins, the other exits with code 2).")
+    keepalive: int = key(60, "MQTT keepalive in seconds.", minimum=5, maximum=65535)
     protocol: str = key("5", "MQTT protocol version.", choices=("5", "3.1.1"))
     session_expiry_s: int = key(86400, "How long the broker keeps the session (and queued requests) while the agent "
-                                       "is away (MQTT 5).", minimum=0)
+                                       "is away (MQTT 5). The session is always persistent, so at least a minute.",
+                                minimum=60, maximum=4_294_967_295)
     reconnect_min_s: float = key(0.5, "First reconnect delay; doubles with jitter up to `reconnect_max_s`.", minimum=0.01)
     reconnect_max_s: float = key(30.0, "Longest reconnect delay.", minimum=0.1)
-    allow_insecure: bool = key(False, "Allow plain MQTT toward a host that is not loopback.")
+    allow_insecure: bool = key(False, "Allow plain MQTT toward a host that is not loopback (never with credentials).")
     tls: Tls = key(Tls(), "")
 
 
@@ -79,25 +98,37 @@ class Broker:
 class Model:
     """The served model."""
 
-    path: str = key("model/artifacts/cellnet/cellnet_int8.tflite",
-                    "Model artifact (`.tflite` served by LiteRT, `.keras` by TensorFlow); relative to the project.")
-    threads: int = key(2, "LiteRT (XNNPACK) threads.", minimum=1)
+    dir: str = key("model/artifacts", "Folder of models, one sub-folder per model name with its card and artifacts; "
+                                      "relative to the project.")
+    name: str = key("cellnet", "Model served at start; `Reload` commands name another model of `dir`.",
+                    pattern=MODEL_NAME, pattern_doc="letters, digits, `.`, `_`, `-`; no path")
+    variant: str = key("int8", "Artifact of the model card served: LiteRT `int8` or `float32`, or `keras` (TensorFlow).",
+                       choices=("int8", "float32", "keras"))
+    threads: int = key(2, "LiteRT (XNNPACK) threads.", minimum=1, maximum=64)
 
 
 @dataclass
 class Inference:
     """Requests and the serving pipeline."""
 
-    max_payload_bytes: int = key(10 * 1024 * 1024, "Largest request payload accepted.", minimum=1)
+    max_payload_bytes: int = key(10 * 1024 * 1024, "Largest request payload accepted; the MQTT 5 Maximum Packet Size "
+                                                    "the agent announces is this plus 64 KiB.", minimum=1,
+                                 maximum=MAX_MQTT_PACKET - 65536)
     max_pixels: int = key(50_000_000, "Largest image (width x height, read from the header) accepted.", minimum=1)
     min_side_px: int = key(8, "Smallest image side accepted.", minimum=1)
     max_aspect_ratio: float = key(20.0, "Largest long/short side ratio accepted.", minimum=1)
-    max_inflight: int = key(32, "Requests held at once (MQTT 5 Receive Maximum); bounds memory.", minimum=1)
+    max_inflight: int = key(32, "Requests held at once (MQTT 5 Receive Maximum); bounds memory.", minimum=1, maximum=65535)
     max_batch: int = key(8, "Largest micro-batch.", minimum=1)
     batch_wait_ms: float = key(2.0, "Longest wait for more requests to join a batch while others are still decoding.", minimum=0)
     decode_workers: int = key(2, "Threads that decode and preprocess images.", minimum=1)
-    request_topic: str | None = key(None, "Request topic; default `{base}/Inference`. Agents of one pool share one.")
-    shared_group: str | None = key(None, "Subscribe as `$share/{group}/{request topic}` so a pool of agents shares requests.")
+    request_topic: str | None = key(None, "Request topic; default `{base}/Inference`. Agents of one pool share one.",
+                                    pattern=re.compile(r"[^#+$\x00][^#+\x00]*"), pattern_doc="a topic name, no wildcards")
+    shared_group: str | None = topic_id(None, "Subscribe as `$share/{group}/{request topic}` so a pool of agents shares "
+                                              "requests.")
+    reply_topics: list[str] = key(["{base}/Diagnosis/#"], "Topic filters a request's MQTT 5 Response Topic must match "
+                                  "(`{base}` = the device's base topic); any other, and every own channel of the "
+                                  "device, is refused with `bad_response_topic` on the Diagnosis topic.",
+                                  pattern=re.compile(r"[^$\x00][^\x00]*"), pattern_doc="a topic filter not starting with `$`")
 
 
 @dataclass
@@ -108,6 +139,22 @@ class Telemetry:
     latitude: float = key(0.0, "Device latitude reported in Life.")
     longitude: float = key(0.0, "Device longitude reported in Life.")
     outbox_size: int = key(100, "Telemetry messages kept while disconnected (oldest dropped first).", minimum=1)
+
+
+@dataclass
+class Metrics:
+    """Prometheus metrics at `http://{bind}:{port}/metrics`."""
+
+    port: int = key(0, "Port of the metrics endpoint; 0 = off.", minimum=0, maximum=65535)
+    bind: str = key("127.0.0.1", "Address the endpoint listens on (`0.0.0.0` for every interface).")
+
+
+@dataclass
+class Watchdog:
+    """What the systemd watchdog checks before each `WATCHDOG=1` (systemd restarts the agent when they stop)."""
+
+    stall_s: float = key(60.0, "Longest a network-loop iteration or one inference may take.", minimum=1)
+    max_disconnected_s: float = key(900.0, "Longest time without a broker connection.", minimum=1)
 
 
 @dataclass
@@ -126,6 +173,8 @@ class Config:
     model: Model = key(Model(), "")
     inference: Inference = key(Inference(), "")
     telemetry: Telemetry = key(Telemetry(), "")
+    watchdog: Watchdog = key(Watchdog(), "")
+    metrics: Metrics = key(Metrics(), "")
     logging: Logging = key(Logging(), "")
 
     @property
@@ -133,8 +182,8 @@ class Config:
         return self.broker.client_id or self.hias.name
 
     @property
-    def model_path(self) -> Path:
-        path = Path(self.model.path).expanduser()
+    def model_dir(self) -> Path:
+        path = Path(self.model.dir).expanduser()
         return path if path.is_absolute() else PROJECT / path
 
     def password(self) -> str | None:
@@ -146,11 +195,15 @@ class Config:
             return value
         if self.broker.password_file:
             path = Path(self.broker.password_file)
-            if not path.is_file():
-                raise ConfigError(f"broker.password_file: {path} does not exist")
-            if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise ConfigError(f"broker.password_file: {path} is readable by group or others (chmod 600 it)")
-            return path.read_text().strip()
+            try:
+                if not path.is_file():
+                    raise ConfigError(f"broker.password_file: {path} does not exist")
+                if path.stat().st_mode & (stat.S_IRWXO | stat.S_IWGRP):
+                    raise ConfigError(f"broker.password_file: {path} is readable by others or writable by group "
+                                      "(chmod 640 or 600 it)")
+                return path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"broker.password_file: cannot read {path} ({exc.strerror})") from None
         return None
 
 
@@ -168,6 +221,10 @@ def _check(path: str, value, tp, meta: dict):
         if value is None:
             return None
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: must be a list, got {value!r}")
+        return [_check(f"{path}[{n}]", item, typing.get_args(tp)[0], meta) for n, item in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: must be true or false, got {value!r}")
@@ -187,6 +244,10 @@ def _check(path: str, value, tp, meta: dict):
         raise ConfigError(f"{path}: must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
     if meta.get("minimum") is not None and value < meta["minimum"]:
         raise ConfigError(f"{path}: must be at least {meta['minimum']}, got {value!r}")
+    if meta.get("maximum") is not None and value > meta["maximum"]:
+        raise ConfigError(f"{path}: must be at most {meta['maximum']}, got {value!r}")
+    if meta.get("pattern") is not None and not meta["pattern"].fullmatch(value):
+        raise ConfigError(f"{path}: must be {meta['pattern_doc']}, got {value!r}")
     return value
 
 
@@ -215,9 +276,13 @@ def parse(raw: dict | None) -> Config:
     """Validate a parsed YAML document and apply the cross-key rules."""
     config = _build(Config, raw, "")
     broker = config.broker
-    if not broker.tls.enabled and not broker.allow_insecure and not _is_loopback(broker.host):
-        raise ConfigError(f"broker.tls.enabled: false toward non-loopback host {broker.host}; "
-                          "enable TLS or set broker.allow_insecure: true")
+    if not broker.tls.enabled and not _is_loopback(broker.host):
+        if broker.username or broker.password_env or broker.password_file:
+            raise ConfigError(f"broker.username: credentials would cross the network in plain text to {broker.host}; "
+                              "enable broker.tls")
+        if not broker.allow_insecure:
+            raise ConfigError(f"broker.tls.enabled: false toward non-loopback host {broker.host}; "
+                              "enable TLS or set broker.allow_insecure: true")
     if broker.tls.keyfile and not broker.tls.certfile:
         raise ConfigError("broker.tls.keyfile: set without broker.tls.certfile")
     if broker.password_env and broker.password_file:
@@ -267,13 +332,18 @@ def reference() -> str:
         for f in leaves:
             tp = hints[f.name]
             type_name = " or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(tp)) \
-                if _is_optional(tp) else tp.__name__
+                if _is_optional(tp) else "list of str" if typing.get_origin(tp) is list else tp.__name__
             meaning = f.metadata["doc"]
             if f.metadata.get("choices"):
                 meaning += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
             if f.metadata.get("minimum") is not None:
                 meaning += f" At least {f.metadata['minimum']}."
-            default = yaml.safe_dump(f.default).strip().removesuffix("...").strip()
+            if f.metadata.get("maximum") is not None:
+                meaning += f" At most {f.metadata['maximum']}."
+            if f.metadata.get("pattern_doc"):
+                meaning += f" Must be {f.metadata['pattern_doc']}."
+            value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
             lines.append(f"| `{prefix}{f.name}` | {type_name} | `{default}` | {meaning} |")
         lines.append("")
         for f in dataclasses.fields(cls):

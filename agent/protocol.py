@@ -1,4 +1,5 @@
-"""The wire format: parse `Inference` requests and build Diagnosis, error and Sensors payloads."""
+"""The wire format: parse `Inference` requests and HIAS commands, build Diagnosis, error, Sensors
+and ModelState payloads. Every parser here is total: bad input raises `RequestError`, nothing else."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import binascii
 import datetime as dt
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 from model.classifier import Diagnosis
@@ -15,6 +17,13 @@ from model.preprocess import ImageError
 MAX_ID_CHARS = 256
 MAX_NAME_CHARS = 1024
 MAX_USER_PROPERTIES = 16
+MAX_JSON_DEPTH = 32
+MAX_JSON_TOKENS = 10_000  # brackets, quotes and backslashes: an envelope has a few dozen
+MAX_COMMAND_BYTES = 64 * 1024
+BOM = b"\xef\xbb\xbf"
+_JSON_STRUCTURE = re.compile(rb'[\[\]{}"\\]')
+_DATA_URI = re.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w.+-]+=[\w.+-]+)*;base64,", re.ASCII)
+_WHITESPACE = re.compile(r"\s+")
 
 
 class RequestError(ImageError):
@@ -33,12 +42,20 @@ class Request:
     id: str
     name: str | None
     image: bytes
-    response_topic: str | None = None
     correlation: bytes | None = None
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.image).hexdigest()
+
+
+@dataclass(frozen=True)
+class Command:
+    """A HIAS command: `{"From", "Type", "Value", "Message"}`."""
+
+    type: str
+    value: str | None
+    sender: str | None
 
 
 def correlation_id(correlation: bytes) -> str:
@@ -50,45 +67,69 @@ def correlation_id(correlation: bytes) -> str:
 
 
 def reply_route(properties) -> tuple[str | None, bytes | None]:
-    """The MQTT 5 Response Topic and Correlation Data of a message, when valid."""
+    """The MQTT 5 Response Topic and Correlation Data a message asks for (unchecked topic)."""
     topic = getattr(properties, "ResponseTopic", None) if properties else None
     correlation = getattr(properties, "CorrelationData", None) if properties else None
-    if topic and ("#" in topic or "+" in topic or len(topic) > 1024):
-        topic = None  # answered on the default Diagnosis topic instead
     if correlation is not None and len(correlation) > MAX_ID_CHARS:
         correlation = None
-    return topic, correlation
+    return topic or None, correlation
+
+
+def parse_json(data: bytes, what: str) -> object:
+    """JSON with a nesting and token bound, checked before the parser runs (no recursion to exhaust)."""
+    depth = tokens = 0
+    in_string = False
+    escaped_at = -1
+    for match in _JSON_STRUCTURE.finditer(data):
+        tokens += 1
+        if tokens > MAX_JSON_TOKENS:
+            raise ValueError(f"{what} has more than {MAX_JSON_TOKENS} brackets and quotes")
+        char, at = match.group(), match.start()
+        if at == escaped_at:
+            continue
+        if char == b"\\":
+            escaped_at = at + 1 if in_string else -1
+        elif char == b'"':
+            in_string = not in_string
+        elif not in_string:
+            depth += 1 if char in b"[{" else -1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} does not parse: {exc.msg} at {exc.pos}") from None
 
 
 def parse_request(payload: bytes, properties, max_payload_bytes: int) -> Request:
     """A request from raw image bytes (with optional MQTT 5 properties) or a JSON envelope."""
-    response_topic, correlation = reply_route(properties)
+    _, correlation = reply_route(properties)
     request_id = correlation_id(correlation) if correlation is not None else None
-    user = dict(getattr(properties, "UserProperty", None) or []) if properties else {}
-    name = user.get("name")
+    user_properties = (getattr(properties, "UserProperty", None) or []) if properties else []
+    name = dict(user_properties).get("name")
     if len(payload) > max_payload_bytes:
         raise RequestError("payload_too_large", f"payload of {len(payload)} bytes exceeds {max_payload_bytes}",
                            request_id, _short(name))
-    if properties and len(getattr(properties, "UserProperty", None) or []) > MAX_USER_PROPERTIES:
+    if len(user_properties) > MAX_USER_PROPERTIES:
         raise RequestError("bad_request", f"more than {MAX_USER_PROPERTIES} user properties", request_id)
     if name is not None and len(name) > MAX_NAME_CHARS:
         raise RequestError("bad_request", f"user property name longer than {MAX_NAME_CHARS} characters", request_id)
-    if payload[:1] == b"{" or payload.lstrip()[:1] == b"{":
-        return _parse_envelope(payload, response_topic, correlation, request_id, name)
+    text = payload.removeprefix(BOM)
+    if text.lstrip()[:1] in (b"{", b"["):
+        return _parse_envelope(text, correlation, request_id, name)
     if not payload:
         raise RequestError("empty_payload", "the payload is empty", request_id, name)
     request_id = request_id or hashlib.sha256(payload).hexdigest()[:16]
-    return Request(request_id, name, payload, response_topic, correlation)
+    return Request(request_id, name, payload, correlation)
 
 
-def _parse_envelope(payload: bytes, response_topic, correlation, request_id, name) -> Request:
+def _parse_envelope(payload: bytes, correlation, request_id, name) -> Request:
     try:
-        doc = json.loads(payload.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise RequestError("bad_json", "the JSON envelope is not UTF-8", request_id, name) from None
-    except json.JSONDecodeError as exc:
-        raise RequestError("bad_json", f"the JSON envelope does not parse: {exc.msg} at {exc.pos}",
-                           request_id, name) from None
+        doc = parse_json(payload, "the JSON envelope")
+    except ValueError as exc:
+        raise RequestError("bad_json", str(exc), request_id, name) from None
     if not isinstance(doc, dict):
         raise RequestError("bad_request", "the JSON envelope must be an object", request_id, name)
     raw_id, name = doc.get("id", request_id), doc.get("name", name)
@@ -102,13 +143,29 @@ def _parse_envelope(payload: bytes, response_topic, correlation, request_id, nam
     image = doc.get("image")
     if not isinstance(image, str) or not image:
         raise RequestError("bad_request", "\"image\" must be a non-empty base64 string", raw_id, name)
+    image = _WHITESPACE.sub("", _DATA_URI.sub("", image, count=1) if image.startswith("data:") else image)
     try:
         data = base64.b64decode(image, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError("bad_base64", "\"image\" is not valid base64", raw_id, name) from None
     if not data:
         raise RequestError("empty_payload", "\"image\" decodes to no bytes", raw_id, name)
-    return Request(raw_id, name, data, response_topic, correlation)
+    return Request(raw_id, name, data, correlation)
+
+
+def parse_command(payload: bytes) -> Command:
+    """A HIAS command; `ValueError` says what is wrong with it."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise ValueError(f"a command is at most {MAX_COMMAND_BYTES} bytes")
+    doc = parse_json(payload.removeprefix(BOM), "the command")
+    if not isinstance(doc, dict):
+        raise ValueError("a command must be a JSON object")
+    kind, value, sender = doc.get("Type"), doc.get("Value"), doc.get("From")
+    if not isinstance(kind, str):
+        raise ValueError("\"Type\" must be a string")
+    if value is not None and not isinstance(value, str):
+        raise ValueError("\"Value\" must be a string when given")
+    return Command(kind[:64], value or None, sender[:MAX_NAME_CHARS] if isinstance(sender, str) else None)
 
 
 def _short(value):
@@ -131,16 +188,25 @@ def diagnosis_reply(request: Request, diagnosis: Diagnosis, model: dict, timing_
     }).encode()
 
 
-def error_reply(code: str, message: str, request_id: str | None, name: str | None) -> bytes:
+def error_reply(code: str, message: str, request_id: str | None, name: str | None, device: str) -> bytes:
     """The error JSON for a request (or command) that cannot be served."""
     return json.dumps({"id": request_id, "name": name, "error": {"code": code, "message": message},
-                       "ts": now_iso()}).encode()
+                       "device": device, "ts": now_iso()}).encode()
 
 
-def sensors_record(diagnosis: Diagnosis) -> bytes:
-    """The record HIAS stores (and hashes on its blockchain) for each diagnosis."""
+SENSORS_MESSAGES = {"Positive": "Acute Lymphoblastic Leukemia detected!",
+                    "Negative": "No Acute Lymphoblastic Leukemia detected"}
+
+
+def sensors_record(diagnosis: Diagnosis, request_id: str) -> bytes:
+    """The record HIAS stores for each diagnosis. HIAS bcrypt-hashes Sensor + Type + Value + Message,
+    and bcrypt reads at most 72 bytes, so those four stay within 72; `id` and `ts` are ignored by HIAS."""
     return json.dumps({
         "Type": "GeniSysAI", "Sensor": "ALL Classifier", "Value": diagnosis.label,
-        "Message": "Acute Lymphoblastic Leukemia detected!" if diagnosis.positive
-        else "Acute Lymphoblastic Leukemia not detected!",
+        "Message": SENSORS_MESSAGES[diagnosis.label], "id": request_id, "ts": now_iso(),
     }).encode()
+
+
+def model_state(state: str, model: dict | None, reason: str | None = None, serving: dict | None = None) -> bytes:
+    """A retained `ModelState` record: what happened to which model, and what is serving now."""
+    return json.dumps({"state": state, **(model or {}), "reason": reason, "serving": serving, "ts": now_iso()}).encode()

@@ -25,7 +25,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from tqdm import tqdm
 
-from agent.config import ConfigError, load
+from agent.config import TOPIC_LEVEL, ConfigError, load
 from agent.session import MqttSession, publish_properties
 from agent.topics import Topics
 from model.data import IMAGE_SUFFIXES, label_from_path, read_list
@@ -42,6 +42,7 @@ class Item:
     path: Path
     label: int | None
     sent: float = 0.0
+    sent_at: float | None = None  # wall clock, for lining answers up with events outside the replay
     latency_ms: float | None = None
     reply: dict | None = None
     duplicates: int = 0
@@ -68,8 +69,8 @@ class Report:
         return {"images": len(self.items), "answered": len(self.items) - len(self.missing),
                 "missing": [i.id for i in self.missing], "duplicates": self.duplicates,
                 "errors": self.errors, "metrics": self.metrics, "latency_ms": self.latency_ms,
-                "results": [{"id": i.id, "path": str(i.path), "label": i.label, "latency_ms": i.latency_ms,
-                             "reply": i.reply} for i in self.items]}
+                "results": [{"id": i.id, "path": str(i.path), "label": i.label, "sent_at": i.sent_at,
+                             "latency_ms": i.latency_ms, "reply": i.reply} for i in self.items]}
 
 
 def collect_images(source: Path, data_root: Path | None) -> list[Path]:
@@ -82,6 +83,14 @@ def collect_images(source: Path, data_root: Path | None) -> list[Path]:
     raise FileNotFoundError(f"{source}: no such file list or directory")
 
 
+def private_reply_topic(session: MqttSession, topics: Topics, run: str) -> str:
+    """`{base}/Diagnosis/{user name}/{run}`: the answers only this requester may read under the shipped ACL."""
+    who = session.broker.username or session.client_id
+    if not TOPIC_LEVEL.fullmatch(who):
+        who = session.client_id
+    return f"{topics.diagnosis}/{who}/replay-{run}"
+
+
 def replay(session: MqttSession, topics: Topics, paths: list[Path], concurrency: int, timeout: float,
            response_topic: str | None, rate: float | None = None, progress: bool = True) -> Report:
     """Publish every image (at most `rate` per second), wait for each id's answer (or the timeout), score."""
@@ -89,7 +98,7 @@ def replay(session: MqttSession, topics: Topics, paths: list[Path], concurrency:
     items = [Item(f"{run}-{n:05d}", p, label_from_path(p)) for n, p in enumerate(paths)]
     by_id = {i.id: i for i in items}
     replies: queue.Queue[tuple[float, dict]] = queue.Queue()
-    reply_topic = response_topic or topics.diagnosis
+    reply_topic = response_topic or (private_reply_topic(session, topics, run) if session.v5 else topics.diagnosis)
 
     def on_reply(message: mqtt.MQTTMessage) -> None:
         try:
@@ -133,7 +142,7 @@ def replay(session: MqttSession, topics: Topics, paths: list[Path], concurrency:
         while rate and time.perf_counter() - started < n / rate:
             drain(min(0.05, max(0.0, started + n / rate - time.perf_counter())))
         data = item.path.read_bytes()
-        item.sent = time.perf_counter()
+        item.sent, item.sent_at = time.perf_counter(), time.time()
         pending.add(item.id)
         if session.v5:
             props = publish_properties(reply_topic, item.id.encode(), [("name", item.path.name)])
@@ -224,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
     parser.add_argument("--rate", type=float, help="at most this many requests per second")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for answers")
-    parser.add_argument("--response-topic", help="MQTT 5 response topic (default: the Diagnosis topic)")
+    parser.add_argument("--response-topic", help="MQTT 5 response topic (default: {base}/Diagnosis/{user}/replay-{run}; "
+                                                 "the agent accepts only topics its inference.reply_topics allow)")
     parser.add_argument("--protocol", choices=["5", "3.1.1"], help="override broker.protocol")
     parser.add_argument("--json", type=Path, help="write the full report as JSON")
     parser.add_argument("--report-dir", type=Path, help="write report.json and PNG plots here")

@@ -1,27 +1,29 @@
 """Requests -> replies: decode on a worker pool, micro-batch, classify, reply, then acknowledge.
 
 An inbound request is acknowledged only after its reply (diagnosis or error) has been
-acknowledged by the broker, so a request in flight when the agent dies is redelivered.
+acknowledged by the broker, so a request in flight when the agent dies is redelivered. Every
+handler is total: whatever goes wrong with one message is answered with an error code and that
+message is acknowledged, so no message can stop the agent or come back to do it again.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from agent import protocol
-from agent.config import Config
-from agent.session import MqttSession, publish_properties
+from agent.config import MODEL_NAME, Config
+from agent.metrics import Metrics
+from agent.session import Inbound, MqttSession, publish_properties
 from agent.topics import Topics
-from model.classifier import Classifier
+from model.classifier import Classifier, ModelError, artifact_path
 from model.preprocess import ImageError, ImageLimits, preprocess
 
 log = logging.getLogger("allds.service")
@@ -31,7 +33,7 @@ log = logging.getLogger("allds.service")
 class Job:
     """A request on its way through the pipeline."""
 
-    message: mqtt.MQTTMessage
+    message: Inbound
     received: float
     request: protocol.Request | None = None
     tensor: np.ndarray | None = None
@@ -56,20 +58,26 @@ class Counters:
 class ClassificationService:
     """Serves `Inference` requests and HIAS `Commands` for one device."""
 
-    def __init__(self, config: Config, session: MqttSession, classifier: Classifier, topics: Topics) -> None:
+    def __init__(self, config: Config, session: MqttSession, classifier: Classifier, topics: Topics,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.session = session
         self.classifier = classifier
         self.topics = topics
         self.counters = Counters()
-        self.on_life_command = lambda: None
+        self.on_life_command: Callable[[], None] = lambda: None
         inf = config.inference
         self._limits = ImageLimits(inf.max_pixels, inf.min_side_px, inf.max_aspect_ratio)
         self._decoder = ThreadPoolExecutor(inf.decode_workers, thread_name_prefix="decode")
+        self._reloader = ThreadPoolExecutor(1, thread_name_prefix="reload")
+        self._reloading = threading.Lock()
         self._ready: queue.Queue[Job] = queue.Queue()
         self._lock = threading.Lock()
         self._open = 0  # accepted and not yet acknowledged
         self._decoding = 0
+        self._inferring_since: float | None = None
+        self._last_beat = time.monotonic()
         self._accepting = threading.Event()
         self._accepting.set()
         self._stopped = threading.Event()
@@ -79,6 +87,7 @@ class ClassificationService:
         """Register the subscriptions and start the inference thread (before the session starts)."""
         self.session.subscribe(self.topics.request, self._on_request, self.config.inference.shared_group)
         self.session.subscribe(self.topics.commands, self._on_command)
+        self.session.on_connected(lambda resumed: None if resumed else self.publish_model_state())
         self._worker.start()
 
     @property
@@ -86,9 +95,23 @@ class ClassificationService:
         with self._lock:
             return self._open
 
-    def healthy(self) -> bool:
-        """The inference thread is alive (for the systemd watchdog)."""
-        return self._worker.is_alive()
+    @property
+    def model(self) -> dict:
+        """Name, version and sha256 of the serving model."""
+        clf = self.classifier
+        return {"name": clf.name, "version": clf.version, "sha256": clf.sha256}
+
+    def problems(self, stall_s: float) -> list[str]:
+        """Why serving is unhealthy (for the watchdog): a dead inference thread or one inference taking too long."""
+        now = time.monotonic()
+        if not self._worker.is_alive():
+            return ["the inference thread has ended"]
+        since = self._inferring_since
+        if since is not None and now - since > stall_s:
+            return [f"one inference has run for {now - since:.0f} s"]
+        if since is None and now - self._last_beat > stall_s:
+            return [f"the inference thread has not looped for {now - self._last_beat:.0f} s"]
+        return []
 
     def drain(self, timeout: float) -> bool:
         """Stop taking requests (unacknowledged ones are redelivered later) and finish those taken."""
@@ -99,17 +122,27 @@ class ClassificationService:
         self._stopped.set()
         self._worker.join(max(0.0, deadline - time.monotonic()))
         self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._reloader.shutdown(wait=False, cancel_futures=True)
         return self.open_requests == 0
 
-    def reload(self, path: str | None = None) -> Classifier:
-        """Load a model file (default: the configured one) and serve it from the next batch on."""
-        new = Classifier.load(path or self.config.model_path, self.config.model.threads)
+    # ---- models ------------------------------------------------------------------------
+    def reload(self, name: str) -> Classifier:
+        """Load model `name` of `model.dir` (verified: sha256 against its card, one probe invocation) and
+        serve it from the next batch on. On any failure the serving model stays and `ModelError` says why."""
+        if not MODEL_NAME.fullmatch(name):
+            raise ModelError("the value is not a model name (letters, digits, '.', '_', '-'; no path)")
+        model = self.config.model
+        new = Classifier.load(artifact_path(self.config.model_dir, name, model.variant), model.threads)
         self.classifier = new
-        log.info("model reloaded: %s %s (%s) sha256 %s", new.name, new.version, new.path, new.sha256[:12])
         return new
 
+    def publish_model_state(self, state: str = "active", model: dict | None = None, reason: str | None = None) -> None:
+        """The retained `ModelState` record (on every connect, and on every model change)."""
+        self.session.publish(self.topics.model_state, protocol.model_state(state, model or self.model, reason, self.model),
+                             retain=True)
+
     # ---- requests ----------------------------------------------------------------------
-    def _on_request(self, message: mqtt.MQTTMessage) -> None:
+    def _on_request(self, message: Inbound) -> None:
         """Network thread: hand the message to the decoders, nothing more."""
         if not self._accepting.is_set():
             return  # not acknowledged: the broker redelivers it to the next session
@@ -117,13 +150,23 @@ class ClassificationService:
         with self._lock:
             self._open += 1
             self._decoding += 1
-        self._decoder.submit(self._decode, Job(message, time.perf_counter()))
+        job = Job(message, time.perf_counter())
+        try:
+            self._decoder.submit(self._decode, job)
+        except RuntimeError:  # the pool shut down under us: leave it for redelivery
+            with self._lock:
+                self._open -= 1
+                self._decoding -= 1
 
     def _decode(self, job: Job) -> None:
         start = time.perf_counter()
         try:
             job.request = protocol.parse_request(job.message.payload, job.message.properties,
                                                  self.config.inference.max_payload_bytes)
+            requested, _ = protocol.reply_route(job.message.properties)
+            if requested is not None and not self.topics.reply_allowed(requested):
+                raise protocol.RequestError("bad_response_topic", "the Response Topic must lie under one of "
+                                            f"{', '.join(self.topics.reply_filters)} and name no device channel")
             job.tensor = preprocess(job.request.image, self.classifier.input_size, self._limits)
             job.decode_ms = (time.perf_counter() - start) * 1000
             self._ready.put(job)
@@ -165,15 +208,21 @@ class ClassificationService:
 
     def _inference_loop(self) -> None:
         while not (self._stopped.is_set() and self._ready.empty()):
+            self._last_beat = time.monotonic()
             batch = self._next_batch()
             if not batch:
                 continue
             try:
                 self._classify(batch)
-            except Exception as exc:  # noqa: BLE001 - answer each, log, keep serving
-                log.exception("inference failed for a batch of %d", len(batch))
+            except Exception:  # noqa: BLE001 - one poisoned image must not fail the others of its batch
+                log.exception("inference failed for a batch of %d; classifying each alone", len(batch))
                 for job in batch:
-                    self._reply_error(job, "internal_error", f"{type(exc).__name__}: {exc}")
+                    try:
+                        self._classify([job])
+                    except Exception as exc:  # noqa: BLE001 - answer it, keep serving
+                        self._reply_error(job, "internal_error", f"{type(exc).__name__}: {exc}")
+            finally:
+                self._inferring_since = None
 
     def _classify(self, batch: list[Job]) -> None:
         clf = self.classifier
@@ -181,8 +230,12 @@ class ClassificationService:
             if job.tensor.shape[0] != clf.input_size:
                 job.tensor = preprocess(job.request.image, clf.input_size, self._limits)
         start = time.perf_counter()
+        self._inferring_since = time.monotonic()
         probabilities = clf.classify(np.stack([job.tensor for job in batch]))
+        self._inferring_since = None
         inference_ms = (time.perf_counter() - start) * 1000
+        if self.metrics:
+            self.metrics.batch(len(batch), inference_ms / 1000)
         model = {"name": clf.name, "version": clf.version, "sha256": clf.sha256}
         for job, diagnosis in zip(batch, clf.diagnose(probabilities), strict=True):
             self._reply(job, diagnosis, model, inference_ms, len(batch))
@@ -193,26 +246,42 @@ class ClassificationService:
         body = protocol.diagnosis_reply(req, diagnosis, model,
                                         {"decode": job.decode_ms, "inference": inference_ms, "total": total_ms},
                                         self.config.hias.name)
-        self.session.publish(req.response_topic or self.topics.diagnosis, body,
-                             properties=publish_properties(correlation=req.correlation),
-                             on_acked=lambda: self._finish(job))
-        self.session.publish(self.topics.sensors, protocol.sensors_record(diagnosis))
+        topic = protocol.reply_route(job.message.properties)[0] or self.topics.diagnosis
+        self.session.publish(topic, body, properties=publish_properties(correlation=req.correlation),
+                             on_acked=lambda refusal: self._replied(job, topic, refusal))
+        self.session.publish(self.topics.sensors, protocol.sensors_record(diagnosis, req.id))
         self.counters.add("diagnoses")
+        if self.metrics:
+            self.metrics.answered(diagnosis.label, total_ms / 1000, job.decode_ms / 1000)
         log.info("request id=%s name=%s diagnosis=%s confidence=%.4f batch=%d decode_ms=%.1f inference_ms=%.1f "
                  "total_ms=%.1f", req.id, req.name, diagnosis.label, diagnosis.confidence, batch_size, job.decode_ms,
                  inference_ms, total_ms)
 
+    def _replied(self, job: Job, topic: str, refusal: str | None) -> None:
+        """A reply's PUBACK: acknowledge the request, or first say on the default topic that the reply was refused."""
+        if refusal is None or topic == self.topics.diagnosis:
+            self._finish(job)
+            return
+        self._reply_error(job, "reply_rejected", f"the broker refused the answer on {topic}: {refusal}",
+                          to_default=True)
+
     def _reply_error(self, job: Job, code: str, message: str, request_id: str | None = None,
-                     name: str | None = None) -> None:
+                     name: str | None = None, to_default: bool = False) -> None:
         if job.request:
             request_id, name = job.request.id, job.request.name
-        self._send_error(job.message, code, message, request_id, name, on_acked=lambda: self._finish(job))
+        if self.metrics:
+            self.metrics.answered(code, time.perf_counter() - job.received)
+        self._send_error(job.message, code, message, request_id, name, on_acked=lambda _: self._finish(job),
+                         to_default=to_default or code == "bad_response_topic")
 
-    def _send_error(self, message: mqtt.MQTTMessage, code: str, text: str, request_id, name, on_acked) -> None:
-        topic, correlation = protocol.reply_route(message.properties)
+    def _send_error(self, message: Inbound, code: str, text: str, request_id, name, on_acked,
+                    to_default: bool = False) -> None:
+        requested, correlation = protocol.reply_route(message.properties)
+        topic = requested if requested and not to_default and self.topics.reply_allowed(requested) \
+            else self.topics.diagnosis
         if request_id is None and correlation is not None:
             request_id = protocol.correlation_id(correlation)
-        self.session.publish(topic or self.topics.diagnosis, protocol.error_reply(code, text, request_id, name),
+        self.session.publish(topic, protocol.error_reply(code, text, request_id, name, self.config.hias.name),
                              properties=publish_properties(correlation=correlation), on_acked=on_acked)
         self.counters.add("errors")
         log.warning("error id=%s name=%s code=%s message=%s", request_id, name, code, text)
@@ -223,36 +292,52 @@ class ClassificationService:
             self._open -= 1
 
     # ---- commands ----------------------------------------------------------------------
-    def _on_command(self, message: mqtt.MQTTMessage) -> None:
-        """Network thread: commands are rare; the slow one (Reload) runs on its own thread."""
+    def _on_command(self, message: Inbound) -> None:
+        """Network thread: commands are rare; the slow one (Reload) runs on the one reload thread."""
         self.counters.add("commands")
         try:
-            command = json.loads(message.payload.decode("utf-8"))
-            if not isinstance(command, dict):
-                raise ValueError("a command must be a JSON object")
-            kind, value = command.get("Type"), command.get("Value")
-            if not isinstance(kind, str):
-                raise ValueError("\"Type\" must be a string")
-            if value is not None and not isinstance(value, str):
-                raise ValueError("\"Value\" must be a string when given")
-        except (UnicodeDecodeError, ValueError) as exc:
+            command = protocol.parse_command(message.payload)
+        except ValueError as exc:
             self._command_error(message, f"malformed command: {exc}")
             return
-        log.info("command Type=%s Value=%s From=%s", kind, value, command.get("From"))
-        if kind == "Life":
+        log.info("command Type=%s Value=%s From=%s retained=%s", command.type, command.value, command.sender,
+                 message.retain)
+        if message.retain:
+            self._command_error(message, "retained commands are not executed (clear it: mosquitto_pub -r -n -t "
+                                         f"{message.topic})")
+        elif command.type == "Life":
             self.on_life_command()
             self.session.ack(message)
-        elif kind == "Reload":
-            threading.Thread(target=self._reload_command, args=(message, value), daemon=True).start()
+        elif command.type == "Reload":
+            if not self._reloading.acquire(blocking=False):
+                self._command_error(message, "a reload is already running")
+                return
+            self._reloader.submit(self._reload_command, message, command)
         else:
-            self._command_error(message, f"unknown command Type {kind!r} (supported: Life, Reload)")
+            self._command_error(message, f"unknown command Type {command.type!r} (supported: Life, Reload)")
 
-    def _reload_command(self, message: mqtt.MQTTMessage, path: str | None) -> None:
+    def _reload_command(self, message: Inbound, command: protocol.Command) -> None:
+        name = command.value or self.config.model.name
+        shown = repr(name) if MODEL_NAME.fullmatch(name) else "the requested model"
         try:
-            self.reload(path)
+            new = self.reload(name)
+        except ModelError as exc:
+            log.error("model change refused: %s (From=%s); still serving %s %s", exc, command.sender,
+                      self.classifier.name, self.classifier.sha256[:12])
+            if MODEL_NAME.fullmatch(name) and "unknown model" not in str(exc):
+                self.publish_model_state("failed", {"name": name, "version": None, "sha256": None}, str(exc))
+            self._command_error(message, f"reload of {shown} failed, still serving {self.classifier.name}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a reload must never stop the agent
+            log.exception("reload of %r failed", name)
+            self._command_error(message, f"reload of {shown} failed, still serving {self.classifier.name}: "
+                                         f"{type(exc).__name__}")
+        else:
+            log.info("model reloaded: %s %s (%s) sha256 %s (From=%s)", new.name, new.version, new.path.name,
+                     new.sha256[:12], command.sender)
+            self.publish_model_state()
             self.session.ack(message)
-        except Exception as exc:  # noqa: BLE001 - a bad model file must not stop the agent
-            self._command_error(message, f"reload failed, still serving the previous model: {exc}")
+        finally:
+            self._reloading.release()
 
-    def _command_error(self, message: mqtt.MQTTMessage, text: str) -> None:
-        self._send_error(message, "bad_command", text, None, None, on_acked=lambda: self.session.ack(message))
+    def _command_error(self, message: Inbound, text: str) -> None:
+        self._send_error(message, "bad_command", text, None, None, on_acked=lambda _: self.session.ack(message))

@@ -1,5 +1,9 @@
 """The one MQTT session: paho client, Last Will, TLS, TCP_NODELAY, reconnects with backoff,
 manual acknowledgement and PUBACK tracking. The rest of the program never touches paho.
+
+One thread (`mqtt`) owns the socket: it connects, reads and writes. `publish()` and `ack()` from
+other threads only queue their packet and wake it (paho's own threaded mode does the same; we keep
+our own loop for the reconnect policy), so TLS records are never interleaved by two writers.
 """
 
 from __future__ import annotations
@@ -17,17 +21,37 @@ import paho.mqtt.client as mqtt
 import tenacity
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import Broker
 
 log = logging.getLogger("allds.session")
 
-Handler = Callable[[mqtt.MQTTMessage], None]
 CONNACK_TIMEOUT_S = 10.0
+STABLE_CONNECTION_S = 30.0  # a connection that lasted this long resets the reconnect backoff
+SHORT_CONNECTIONS_SUSPECT = 3
+PACKET_HEADROOM = 64 * 1024  # topic, properties and envelope around the largest accepted payload
+SESSION_TAKEN_OVER = 0x8E
+SUBACK_FAILURES = {
+    0x80: "the broker refused the subscription to {topic}",
+    0x87: "not authorized to subscribe to {topic} (check the broker ACL)",
+    0x8F: "the broker calls the topic filter {topic} invalid",
+    0x9E: "the broker does not support shared subscriptions ($share/), needed for {topic}: "
+          "remove inference.shared_group or use a broker that has them",
+    0xA2: "the broker does not support wildcard subscriptions, needed for {topic}",
+}
 
 
 class ConnectFailed(Exception):
     """One connection attempt failed (refused, TLS, no CONNACK); retried with backoff."""
+
+
+class ConnectionLost(Exception):
+    """A connection ended soon after it was made; the next attempt waits (backoff)."""
+
+
+class SessionFailed(Exception):
+    """The broker ended the session for a reason no retry can fix; the agent exits (code 2)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +60,20 @@ class Will:
 
     topic: str
     payload: str
+    user: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A received message, tagged with the connection it came on (acks are valid only there)."""
+
+    topic: str
+    payload: bytes
+    properties: Properties | None
+    qos: int
+    mid: int
+    retain: bool
+    generation: int
 
 
 def publish_properties(response_topic: str | None = None, correlation: bytes | None = None,
@@ -53,6 +91,10 @@ def publish_properties(response_topic: str | None = None, correlation: bytes | N
     return props
 
 
+# What `on_acked` receives: None when the broker accepted the message, else its refusal.
+Acked = Callable[[str | None], None]
+
+
 class MqttSession:
     """An MQTT connection kept alive on its own thread.
 
@@ -60,12 +102,16 @@ class MqttSession:
     are delivered on return) and acknowledges inbound messages only when `ack` is called.
     Publishes made while disconnected are queued: QoS 1 messages by paho (sent in order on
     reconnect), `droppable` ones (telemetry) in a bounded outbox that drops its oldest first.
+    A session taken over by another client with our id, or a refused subscription, ends the
+    session for good: `failure` says why.
     """
 
     def __init__(self, broker: Broker, client_id: str, password: str | None = None, *,
                  persistent: bool = True, will: Will | None = None, receive_maximum: int | None = None,
-                 outbox_size: int = 100, session_expiry_s: int | None = None, tcp_nodelay: bool = True) -> None:
+                 max_packet_bytes: int | None = None, outbox_size: int = 100, session_expiry_s: int | None = None,
+                 tcp_nodelay: bool = True) -> None:
         self.broker = broker
+        self.client_id = client_id
         self.persistent = persistent
         self.v5 = broker.protocol == "5"
         self._client = mqtt.Client(
@@ -77,42 +123,63 @@ class MqttSession:
         if broker.username:
             self._client.username_pw_set(broker.username, password)
         if will:
-            self._client.will_set(will.topic, will.payload, qos=1, retain=True)
+            will_props = Properties(PacketTypes.WILLMESSAGE) if self.v5 and will.user else None
+            if will_props:
+                will_props.UserProperty = list(will.user)
+            self._client.will_set(will.topic, will.payload, qos=1, retain=True, properties=will_props)
         if broker.tls.enabled:
             self._client.tls_set_context(self._tls_context())
         if tcp_nodelay:  # off only to measure what Nagle's algorithm costs (bench/)
             self._client.on_socket_open = self._on_socket_open
+        # With a write callback registered, paho never writes from the publishing thread: the packet
+        # is queued and paho's socket pair wakes our loop, which writes it.
+        self._client.on_socket_register_write = lambda client, userdata, sock: None
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._connect_props = None
         if self.v5:
             self._connect_props = Properties(PacketTypes.CONNECT)
             self._connect_props.SessionExpiryInterval = (session_expiry_s or broker.session_expiry_s) if persistent else 0
             if receive_maximum:
                 self._connect_props.ReceiveMaximum = receive_maximum
-        self._subscriptions: list[tuple[str, str, Handler]] = []  # (subscribe filter, match filter, handler)
-        self._on_connected: list[Callable[[], None]] = []
+            if max_packet_bytes:
+                self._connect_props.MaximumPacketSize = max_packet_bytes + PACKET_HEADROOM
+        self._subscriptions: list[tuple[str, str, Callable[[Inbound], None]]] = []  # (subscribe, match, handler)
+        self._subscribing: dict[int, str] = {}
+        self._on_connected: list[Callable[[bool], None]] = []
         self._lock = threading.Lock()
-        self._pending: dict[int, Callable[[], None] | None] = {}
-        self._acked_early: set[int] = set()
+        self._pending: dict[int, Acked | None] = {}
+        self._acked_early: dict[int, str | None] = {}
         self._outbox: deque[tuple[str, bytes, bool]] = deque()
         self._outbox_size = outbox_size
         self.dropped_telemetry = 0
+        self.stale_acks = 0
+        self.generation = 0  # connection attempts so far; a message may be acknowledged only on its own
+        self.connections = 0  # successful ones
         self.connected = threading.Event()
-        self._connack: mqtt.ReasonCode | None = None
+        self.failure: str | None = None
+        self.failed = threading.Event()
+        self._had_session = False
+        self._short_connections = 0
+        self._connack: ReasonCode | None = None
+        self._connected_at = 0.0
+        self._disconnected_since: float | None = time.monotonic()
+        self._last_beat = time.monotonic()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ---- public interface -------------------------------------------------------------
-    def subscribe(self, topic_filter: str, handler: Handler, shared_group: str | None = None) -> None:
+    def subscribe(self, topic_filter: str, handler: Callable[[Inbound], None], shared_group: str | None = None) -> None:
         """Subscribe at QoS 1 and route messages matching `topic_filter` to `handler` (on the network thread; keep it short)."""
         subscribe_to = f"$share/{shared_group}/{topic_filter}" if shared_group else topic_filter
         self._subscriptions.append((subscribe_to, topic_filter, handler))
 
-    def on_connected(self, callback: Callable[[], None]) -> None:
-        """Run `callback` on the network thread after every successful (re)connect."""
+    def on_connected(self, callback: Callable[[bool], None]) -> None:
+        """Run `callback(resumed)` on the network thread after every successful (re)connect; `resumed` is
+        true when this process was connected before and the broker kept the session (and its retained state)."""
         self._on_connected.append(callback)
 
     def start(self) -> None:
@@ -121,9 +188,8 @@ class MqttSession:
         self._thread.start()
 
     def publish(self, topic: str, payload: bytes | str, *, retain: bool = False,
-                properties: Properties | None = None, on_acked: Callable[[], None] | None = None,
-                droppable: bool = False) -> None:
-        """Publish at QoS 1; `on_acked` runs once the broker has acknowledged it.
+                properties: Properties | None = None, on_acked: Acked | None = None, droppable: bool = False) -> None:
+        """Publish at QoS 1; `on_acked(refusal)` runs once the broker has answered it (refusal None = accepted).
 
         While disconnected a `droppable` message waits in the bounded outbox; any other QoS 1
         message is queued by paho and sent on reconnect.
@@ -140,17 +206,25 @@ class MqttSession:
         info = self._client.publish(topic, data, qos=1, retain=retain, properties=properties)
         with self._lock:  # the PUBACK may already have arrived on the network thread
             early = info.mid in self._acked_early
-            if early:
-                self._acked_early.discard(info.mid)
-            else:
+            refusal = self._acked_early.pop(info.mid, None)
+            if not early:
                 self._pending[info.mid] = on_acked
         if early and on_acked:
-            on_acked()
+            on_acked(refusal)
 
-    def ack(self, message: mqtt.MQTTMessage) -> None:
-        """Acknowledge an inbound QoS 1 message (persistent sessions acknowledge manually)."""
-        if self.persistent and message.qos > 0:
-            self._client.ack(message.mid, message.qos)
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge an inbound QoS 1 message on the connection it came on; a stale one is dropped."""
+        if not (self.persistent and message.qos > 0):
+            return
+        with self._lock:  # a reconnect bumps the generation under this lock before it opens a socket
+            current = message.generation == self.generation
+            if current:
+                self._client.ack(message.mid, message.qos)
+            else:
+                self.stale_acks += 1
+        if not current:
+            log.warning("stale acknowledgement dropped: packet %d came on connection %d, this is connection %d "
+                        "(the broker redelivers it)", message.mid, message.generation, self.generation)
 
     def unacked(self) -> int:
         """Outbound QoS 1 messages still waiting for their PUBACK."""
@@ -164,60 +238,100 @@ class MqttSession:
             time.sleep(0.01)
         return not self.unacked()
 
-    def stop(self, last: tuple[str, str] | None = None, timeout: float = 5.0) -> None:
+    def problems(self, stall_s: float, max_disconnected_s: float) -> list[str]:
+        """Why the session is unhealthy (for the watchdog): a dead or stuck network thread, or no broker for too long."""
+        now = time.monotonic()
+        found = []
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping.is_set():
+            found.append("the MQTT thread has ended")
+        elif now - self._last_beat > stall_s:
+            found.append(f"the MQTT thread has not looped for {now - self._last_beat:.0f} s")
+        since = self._disconnected_since
+        if since is not None and now - since > max_disconnected_s:
+            found.append(f"no broker connection for {now - since:.0f} s")
+        return found
+
+    def stop(self, last: tuple[str, str, list[tuple[str, str]] | None] | None = None, timeout: float = 2.0) -> None:
         """Optionally publish a last retained QoS 1 message, wait for acks, disconnect cleanly."""
         if last and self.connected.is_set():
-            self.publish(last[0], last[1], retain=True)
+            topic, payload, user = last
+            self.publish(topic, payload, retain=True, properties=publish_properties(user=user) if self.v5 else None)
             self.wait_acked(timeout)
         self._stopping.set()
-        if self.connected.is_set():
-            self._client.disconnect()
         if self._thread:
             self._thread.join(timeout)
 
     # ---- connection thread ------------------------------------------------------------
     def _run(self) -> None:
-        first = True
-        while not self._stopping.is_set():
-            try:
-                self._connect_with_backoff(first)
-            except tenacity.RetryError:
-                break  # stopping
-            first = False
+        try:
             while not self._stopping.is_set():
-                try:
-                    rc = self._client.loop(timeout=0.2)
-                except Exception:  # noqa: BLE001 - this thread must outlive any one bad packet
-                    log.exception("network loop failed; reconnecting")
-                    self._client.disconnect()
-                    break
-                if rc != mqtt.MQTT_ERR_SUCCESS:
-                    if not self._stopping.is_set():
-                        log.warning("connection to %s:%s lost (%s); reconnecting",
-                                    self.broker.host, self.broker.port, mqtt.error_string(rc))
-                    break
+                retrying = tenacity.Retrying(
+                    retry=tenacity.retry_if_exception_type((ConnectFailed, ConnectionLost, OSError)),
+                    wait=self._backoff(),
+                    stop=tenacity.stop_when_event_set(self._stopping),
+                    sleep=self._sleep,
+                    before_sleep=self._log_retry,
+                )
+                retrying(self._connection)
+        except tenacity.RetryError:
+            pass  # stopping
+        except SessionFailed as exc:
+            self.failure = str(exc)
+            self.failed.set()
+        except Exception:  # noqa: BLE001 - reported to the watchdog as a dead thread
+            log.exception("the MQTT thread failed")
+        finally:
             self.connected.clear()
+            self._close_socket()
 
-    def _connect_with_backoff(self, first: bool) -> None:
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type((ConnectFailed, OSError)),
-            wait=tenacity.wait_random_exponential(multiplier=self.broker.reconnect_min_s,
-                                                  max=self.broker.reconnect_max_s),
-            stop=tenacity.stop_when_event_set(self._stopping),
-            sleep=self._stopping.wait,
-            before_sleep=self._log_retry,
-        )
-        retrying(self._connect_once, first)
+    def _backoff(self) -> tenacity.wait.wait_base:
+        """Delays that double from `reconnect_min_s` up to `reconnect_max_s`, each half fixed and half random
+        ("equal jitter"): they always grow, and agents that lost one broker together come back spread out."""
+        low, high = self.broker.reconnect_min_s / 2, self.broker.reconnect_max_s / 2
+        return tenacity.wait_exponential(multiplier=low, max=high) + tenacity.wait_random_exponential(multiplier=low,
+                                                                                                      max=high)
+
+    def _sleep(self, seconds: float) -> None:
+        """Back off, still beating for the watchdog and waking at once on stop."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping.is_set() and time.monotonic() < deadline:
+            self._last_beat = time.monotonic()
+            self._stopping.wait(min(0.5, max(0.0, deadline - time.monotonic())))
 
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        log.error("cannot connect to %s:%s: %s; retry %d in %.1f s", self.broker.host, self.broker.port,
-                  exc, state.attempt_number, state.upcoming_sleep)
+        level = logging.WARNING if isinstance(exc, ConnectionLost) else logging.ERROR
+        what = "" if isinstance(exc, ConnectionLost) else "cannot connect to "
+        log.log(level, "%s%s:%s: %s; retry %d in %.1f s", what, self.broker.host, self.broker.port, exc,
+                state.attempt_number, state.upcoming_sleep)
 
-    def _connect_once(self, first: bool) -> None:
+    def _connection(self) -> None:
+        """One connection from CONNECT to its end. Returns after a long one (backoff resets); raises otherwise."""
+        self._connect_once()
+        reason = self._serve()
+        if self._stopping.is_set():
+            return
+        if self.failure:
+            raise SessionFailed(self.failure)
+        lasted = time.monotonic() - self._connected_at
+        if lasted >= STABLE_CONNECTION_S:
+            self._short_connections = 0
+            log.warning("connection to %s:%s lost after %.0f s (%s); reconnecting", self.broker.host, self.broker.port,
+                        lasted, reason)
+            return
+        self._short_connections += 1
+        if self._short_connections == SHORT_CONNECTIONS_SUSPECT:
+            log.warning("the broker closed %d connections in a row soon after accepting them: another client may use "
+                        "client id %s (agents cloned with one hias.name), or the broker refuses something the agent "
+                        "sends (see the broker's log)", self._short_connections, self.client_id)
+        raise ConnectionLost(f"connection closed {lasted:.1f} s after it was made ({reason})")
+
+    def _connect_once(self) -> None:
         self._connack = None
+        with self._lock:
+            self.generation += 1
         try:
-            if first:
+            if self.generation == 1:
                 v5_args = {"clean_start": not self.persistent, "properties": self._connect_props} if self.v5 else {}
                 self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive, **v5_args)
             else:
@@ -227,13 +341,51 @@ class MqttSession:
                                 "and the broker certificate's host name") from None
         deadline = time.monotonic() + CONNACK_TIMEOUT_S
         while self._connack is None:
+            self._last_beat = time.monotonic()
             rc = self._client.loop(timeout=0.2)
             if self._connack is None and rc != mqtt.MQTT_ERR_SUCCESS:
                 raise ConnectFailed(f"connection closed before CONNACK ({mqtt.error_string(rc)})")
+            if self._stopping.is_set():
+                raise ConnectFailed("stopping")
             if time.monotonic() > deadline:
+                self._close_socket()
                 raise ConnectFailed(f"no CONNACK within {CONNACK_TIMEOUT_S:.0f} s")
         if self._connack.is_failure:
             raise ConnectFailed(f"broker refused the connection: {self._connack}")
+
+    def _serve(self) -> str:
+        """Run the connection until it ends; returns why it ended."""
+        disconnecting = False
+        while True:
+            self._last_beat = time.monotonic()
+            if (self._stopping.is_set() or self.failure) and not disconnecting:
+                disconnecting = True
+                self._disconnect_for_good()
+            try:
+                rc = self._client.loop(timeout=0.2)
+            except Exception as exc:  # noqa: BLE001 - this thread must outlive any one bad packet
+                log.exception("network loop failed; reconnecting")
+                self._close_socket()
+                return f"{type(exc).__name__}: {exc}"
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                return mqtt.error_string(rc)
+
+    def _disconnect_for_good(self) -> None:
+        """A clean DISCONNECT when stopping; on failure one that makes the broker publish our Last Will."""
+        if self.failure and self.v5:
+            self._client.disconnect(ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message"))
+        elif self.failure:
+            self._close_socket()  # MQTT 3.1.1: only a dropped connection publishes the Will
+        else:
+            self._client.disconnect()
+
+    def _close_socket(self) -> None:
+        sock = self._client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _tls_context(self) -> ssl.SSLContext:
         tls = self.broker.tls
@@ -252,36 +404,70 @@ class MqttSession:
         self._connack = reason_code
         if reason_code.is_failure:
             return
-        log.info("connected to %s:%s (session present: %s)", self.broker.host, self.broker.port,
-                 flags.session_present)
+        self._connected_at = time.monotonic()
+        self._disconnected_since = None
+        self.connections += 1
+        if self.persistent and self._had_session and not flags.session_present:
+            log.warning("broker did not keep the session (session present: False): requests queued while the agent "
+                        "was away are lost, and any still unanswered will not be redelivered (broker restarted "
+                        "without persistence, or session expired)")
+        else:
+            log.info("connected to %s:%s (session present: %s)", self.broker.host, self.broker.port,
+                     flags.session_present)
+        resumed = self._had_session and flags.session_present
+        self._had_session = self.persistent
+        self._subscribing.clear()
         for subscribe_to, _, _ in self._subscriptions:
-            client.subscribe(subscribe_to, qos=1)
+            _, mid = client.subscribe(subscribe_to, qos=1)
+            self._subscribing[mid] = subscribe_to
         self.connected.set()
         for callback in self._on_connected:
-            callback()
+            callback(resumed)
         with self._lock:
             queued, self._outbox = list(self._outbox), deque()
         for topic, data, retain in queued:
             self.publish(topic, data, retain=retain)
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        topic = self._subscribing.pop(mid, "?")
+        for code in reason_codes:
+            if code.is_failure and not self.failure:
+                self.failure = SUBACK_FAILURES.get(code.value, "the broker refused the subscription to {topic} ({code})") \
+                    .format(topic=topic, code=code)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        if self._disconnected_since is None:
+            self._disconnected_since = time.monotonic()
+        if self.v5 and reason_code.value == SESSION_TAKEN_OVER and not self.failure:
+            self.failure = (f"another client uses client id {self.client_id} and took the session over; give each "
+                            "agent its own hias.name or broker.client_id")
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.error("broker rejected publish %d: %s", mid, reason_code)
+        refusal = str(reason_code) if reason_code.is_failure else None
+        if refusal:
+            log.error("broker refused publish %d: %s", mid, refusal)
         with self._lock:
             if mid in self._pending:
                 callback = self._pending.pop(mid)
             else:
-                self._acked_early.add(mid)
+                self._acked_early[mid] = refusal
                 callback = None
         if callback:
-            callback()
+            try:
+                callback(refusal)
+            except Exception:  # noqa: BLE001 - a caller's bug must not end the network thread
+                log.exception("PUBACK callback failed")
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        inbound = Inbound(message.topic, message.payload, message.properties, message.qos, message.mid,
+                          bool(message.retain), self.generation)
         for _, match, handler in self._subscriptions:
-            if mqtt.topic_matches_sub(match, message.topic):
-                handler(message)
+            if mqtt.topic_matches_sub(match, inbound.topic):
+                try:
+                    handler(inbound)
+                except Exception:  # noqa: BLE001 - handlers answer their own errors; this is the last line
+                    log.exception("handler for %s failed; message acknowledged so it cannot come back", inbound.topic)
+                    self.ack(inbound)
                 return
-        self.ack(message)
+        self.ack(inbound)

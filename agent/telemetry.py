@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
 from agent.config import Telemetry
+from agent.protocol import now_iso
 
 log = logging.getLogger("allds.telemetry")
 THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
@@ -30,7 +33,8 @@ def temperature() -> float | None:
 
 
 def life_payload(settings: Telemetry, agent_fields: dict) -> bytes:
-    """The Life JSON: HIAS's numeric fields and an `Agent` object of our own."""
+    """The Life JSON: HIAS's numeric fields, when it was measured (`ts`; a queued Life may arrive late)
+    and an `Agent` object of our own."""
     return json.dumps({
         "CPU": psutil.cpu_percent(interval=None),
         "Memory": psutil.virtual_memory().percent,
@@ -39,6 +43,7 @@ def life_payload(settings: Telemetry, agent_fields: dict) -> bytes:
         "Latitude": float(settings.latitude),
         "Longitude": float(settings.longitude),
         "Agent": agent_fields,
+        "ts": now_iso(),
     }).encode()
 
 
@@ -51,14 +56,16 @@ class LifeReporter:
         self._agent_fields = agent_fields
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._last_sent = -math.inf
         self._thread = threading.Thread(target=self._run, name="life", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def trigger(self) -> None:
-        """Publish Life now (on connect, or on the HIAS `Life` command)."""
-        self._wake.set()
+    def trigger(self, min_gap_s: float = 0.0) -> None:
+        """Publish Life now (on the HIAS `Life` command), or on connect unless one went out within `min_gap_s`."""
+        if time.monotonic() - self._last_sent >= min_gap_s:
+            self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -72,6 +79,7 @@ class LifeReporter:
             if self._stop.is_set():
                 return
             try:
+                self._last_sent = time.monotonic()
                 self._publish(life_payload(self.settings, self._agent_fields()))
             except Exception:  # noqa: BLE001 - one failure must not end telemetry for good
                 log.exception("Life publish failed (%s); next in %.0f s",

@@ -1,8 +1,11 @@
-"""HIAS iotJumpWay topic names: `{location}/{topic_root}/{zone}/{device}/{Channel}`."""
+"""HIAS iotJumpWay topic names: `{location}/{topic_root}/{zone}/{device}/{Channel}`, and which
+Response Topics a request may name."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
 
 from agent.config import Config
 
@@ -13,12 +16,14 @@ class Topics:
 
     base: str
     request: str
+    reply_filters: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: Config) -> Topics:
         h = config.hias
         base = f"{h.location}/{h.topic_root}/{h.zone}/{h.device}"
-        return cls(base=base, request=config.inference.request_topic or f"{base}/Inference")
+        return cls(base=base, request=config.inference.request_topic or f"{base}/Inference",
+                   reply_filters=tuple(f.replace("{base}", base) for f in config.inference.reply_topics))
 
     @property
     def status(self) -> str:
@@ -39,3 +44,21 @@ class Topics:
     @property
     def commands(self) -> str:
         return f"{self.base}/Commands"
+
+    @property
+    def model_state(self) -> str:
+        return f"{self.base}/ModelState"
+
+    @property
+    def own_channels(self) -> frozenset[str]:
+        """Channels whose meaning HIAS or the agent fixes: never a reply route."""
+        return frozenset({self.status, self.life, self.sensors, self.commands, self.model_state, self.request,
+                          f"{self.base}/Inference", f"{self.base}/Model"})
+
+    def reply_allowed(self, topic: str) -> bool:
+        """A Response Topic the agent will publish an answer on."""
+        if not topic or len(topic) > 1024 or topic.startswith("$") or any(c in topic for c in "#+\x00"):
+            return False
+        if topic in self.own_channels:
+            return False
+        return any(mqtt.topic_matches_sub(f, topic) for f in self.reply_filters)

@@ -3,8 +3,9 @@
     python bench/bench.py [--out bench/RESULTS.md]
 
 Measures, in one run and side by side: the original-style baseline (Keras `model.predict` per
-request, full decode, default sockets), our agent with the default config, and pools of 2 and 3
-agents; for 224x224 Aria images and 2592x1944 JPEGs (real images upscaled with OpenCV). For each:
+request, full decode, default sockets), our agent with the default config, the same with its
+Prometheus endpoint on and scraped every second, and pools of 2 and 3 agents; for 224x224 Aria
+images and 2592x1944 JPEGs (real images upscaled with OpenCV). For each:
 latency p50/p95 with one request in flight, throughput at saturation, peak RSS of the serving
 process(es), and start-up time to ONLINE. Not a test: numbers vary with the machine's load.
 """
@@ -17,7 +18,9 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import cv2
@@ -30,8 +33,9 @@ from agent.config import parse  # noqa: E402
 from agent.replay import replay  # noqa: E402
 from agent.session import MqttSession  # noqa: E402
 from agent.topics import Topics  # noqa: E402
+from bench.report import update_section  # noqa: E402
 from model.classifier import DEFAULT_ARTIFACT  # noqa: E402
-from tests.helpers import Broker, Client, write_config  # noqa: E402
+from tests.helpers import Broker, Client, free_port, write_config  # noqa: E402
 
 BASE = "allds-location/Devices/allds-zone/allds-device"
 POOL_TOPIC = "allds-location/Devices/allds-zone/allds-pool/Inference"
@@ -53,7 +57,8 @@ def wait_online(port: int, status_topics: list[str], timeout: float = 120) -> No
     watcher.close()
 
 
-def start_servers(kind: str, n: int, port: int, work: Path) -> tuple[list[subprocess.Popen], float]:
+def start_servers(kind: str, n: int, port: int, work: Path,
+                  metrics_port: int | None = None) -> tuple[list[subprocess.Popen], float]:
     """Start the serving process(es); return them and the seconds until all were ONLINE."""
     procs, statuses = [], []
     start = time.perf_counter()
@@ -67,9 +72,12 @@ def start_servers(kind: str, n: int, port: int, work: Path) -> tuple[list[subpro
             statuses.append(f"{BASE}/Status")
         else:
             device = f"bench-{i}" if n > 1 else "allds-device"
-            sections = {"hias": {"device": device, "name": f"allds-agent-{i}"}}
+            sections = {"hias": {"device": device, "name": f"allds-agent-{i}"},
+                        "inference": {"reply_topics": ["bench/#"]}}
             if n > 1:
-                sections["inference"] = {"request_topic": POOL_TOPIC, "shared_group": "bench"}
+                sections["inference"].update({"request_topic": POOL_TOPIC, "shared_group": "bench"})
+            if metrics_port:
+                sections["metrics"] = {"port": metrics_port}
             config = write_config(work / f"{kind}{i}.yaml", port, **sections)
             cmd = [sys.executable, "-m", "agent", "--config", str(config)]
             statuses.append(f"allds-location/Devices/allds-zone/{device}/Status")
@@ -132,13 +140,18 @@ def main() -> None:
     sets = {"224x224": (small, args.latency_n, args.saturation_n),
             "2592x1944": (large, args.latency_n // 4, args.saturation_n // 5)}
     rows = []
-    for name, kind, n in (("baseline (Keras predict, full decode, default sockets)", "baseline", 1),
-                          ("agent, default config", "agent", 1), ("agent pool of 2", "agent", 2),
-                          ("agent pool of 3", "agent", 3)):
+    for name, kind, n, metrics in (("baseline (Keras predict, full decode, default sockets)", "baseline", 1, False),
+                                   ("agent, default config", "agent", 1, False),
+                                   ("agent, metrics on, scraped every second", "agent", 1, True),
+                                   ("agent pool of 2", "agent", 2, False), ("agent pool of 3", "agent", 3, False)):
         nodelay = kind != "baseline"
-        broker = Broker(work / f"broker-{kind}{n}", tcp_nodelay=nodelay).start()
+        broker = Broker(work / f"broker-{kind}{n}{metrics}", tcp_nodelay=nodelay).start()
+        scraping = threading.Event()
         try:
-            procs, startup = start_servers(kind, n, broker.port, work)
+            metrics_port = free_port() if metrics else None
+            procs, startup = start_servers(kind, n, broker.port, work, metrics_port)
+            if metrics_port:
+                threading.Thread(target=scrape, args=(metrics_port, scraping), daemon=True).start()
             topic = POOL_TOPIC if n > 1 else f"{BASE}/Inference"
             for set_name, (paths, latency_n, saturation_n) in sets.items():
                 measure(broker.port, topic, paths[:16], 1, nodelay)  # warm-up
@@ -152,6 +165,7 @@ def main() -> None:
                              "duplicates": sat["duplicates"], "cpu_ms": cpu})
                 print(rows[-1], flush=True)
         finally:
+            scraping.set()
             for p in procs:
                 p.terminate()
                 p.wait(30)
@@ -159,7 +173,13 @@ def main() -> None:
     table = render(rows)
     print(table)
     if args.out:
-        args.out.write_text(table)
+        update_section(args.out, "serving", table)
+
+
+def scrape(port: int, done: threading.Event) -> None:
+    """Read `/metrics` every second, as a Prometheus would."""
+    while not done.wait(1.0):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
 
 
 def render(rows: list[dict]) -> str:
@@ -167,7 +187,7 @@ def render(rows: list[dict]) -> str:
     one = {r["images"]: r for r in rows if r["server"] == "agent, default config"}
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     lines = [
-        "# Serving benchmark", "",
+        "## Serving", "",
         f"Machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python "
         f"{platform.python_version()}. Model: `{DEFAULT_ARTIFACT.relative_to(REPO)}` (baseline: its `.keras`).",
         "Command: `python bench/bench.py --out bench/RESULTS.md`. Latency: one request in flight, end to end "

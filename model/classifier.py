@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,42 +54,72 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+class ModelError(ValueError):
+    """A model that must not serve: missing, altered, inconsistent with its card, or failing its probe."""
+
+
+# What a card must hold for serving, and the type of each entry.
+CARD_SCHEMA = {"name": str, "version": str, "classes": list, "input_size": int, "threshold": float, "artifacts": dict}
+
+
 class Classifier:
     """A loaded artifact plus its model card and decision policy."""
 
-    def __init__(self, path: Path, card: dict, run: Runner, require_policy: bool = True) -> None:
+    def __init__(self, path: Path, card: dict, run: Runner, sha256: str, require_policy: bool = True) -> None:
         self.path = path
         self.card = card
         self._run = run
-        self.sha256 = file_sha256(path)
+        self.sha256 = sha256
         self.kind = artifact_kind(card, path)
         self.policy = DecisionPolicy.from_card(card, self.kind, path.parent) if require_policy \
             else DecisionPolicy(calibrated=False)
         if require_policy and not self.policy.calibrated:
-            raise ValueError(f"model card {path.parent / CARD_NAME} has no decision policy for the {self.kind} "
+            raise ModelError(f"model card {path.parent / CARD_NAME} has no decision policy for the {self.kind} "
                              f"artifact: run `python -m model calibrate --artifact {path.parent}`")
 
     @classmethod
     def load(cls, path: str | Path, threads: int = 2, require_policy: bool = True) -> Classifier:
-        """Load a `.tflite` (LiteRT + XNNPACK) or `.keras` artifact; its card sits beside it.
+        """Load a `.tflite` (LiteRT + XNNPACK) or `.keras` artifact whose card sits beside it.
 
-        Without the card's decision policy (gate, calibration, band) loading fails; `require_policy=False`
-        skips the policy (raw outputs only: used while fitting it).
+        The artifact's SHA-256 must equal the one its card lists, the card's decision policy (gate,
+        calibration, band) must be there with its gate file, and one invocation on a probe image must
+        give a probability per class; otherwise `ModelError`. `require_policy=False` skips the policy
+        (raw outputs only: used while fitting it).
         """
         path = Path(path)
+        card = read_card(path.parent)
+        listed = {entry.get("file"): entry.get("sha256") for entry in card["artifacts"].values() if isinstance(entry, dict)}
+        if path.name not in listed:
+            raise ModelError(f"artifact {path.name} is not listed in its model card")
         if not path.is_file():
-            raise FileNotFoundError(f"model artifact {path} does not exist")
-        card_path = path.parent / CARD_NAME
-        if not card_path.is_file():
-            raise FileNotFoundError(f"model card {card_path} does not exist")
-        card = json.loads(card_path.read_text())
-        if path.suffix == ".tflite":
-            run = _litert_runner(path, threads, len(card["classes"]))
-        elif path.suffix == ".keras":
-            run = _keras_runner(path)
-        else:
-            raise ValueError(f"unknown model file type {path.suffix!r} (want .tflite or .keras)")
-        return cls(path, card, run, require_policy)
+            raise ModelError(f"artifact {path.name} is missing")
+        content = path.read_bytes()
+        sha256 = hashlib.sha256(content).hexdigest()
+        if sha256 != listed[path.name]:
+            raise ModelError(f"artifact {path.name} has sha256 {sha256[:12]}…, its card says {str(listed[path.name])[:12]}…")
+        try:
+            if path.suffix == ".tflite":
+                run = _litert_runner(content, threads, len(card["classes"]))
+            elif path.suffix == ".keras":
+                run = _keras_runner(path)
+            else:
+                raise ModelError(f"unknown model file type {path.suffix!r} (want .tflite or .keras)")
+            classifier = cls(path, card, run, sha256, require_policy)
+            classifier.probe()
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of a foreign file means: do not serve it
+            raise ModelError(f"artifact {path.name} failed to load: {type(exc).__name__}: {exc}") from None
+        return classifier
+
+    def probe(self) -> None:
+        """One invocation on a fixed image: a probability per class, summing to one."""
+        size = self.input_size
+        ramp = np.linspace(0.0, 1.0, size * size * 3, dtype=np.float32).reshape(1, size, size, 3)
+        out = self.classify(ramp)
+        if out.shape != (1, len(self.classes)) or not np.all(np.isfinite(out)) or abs(float(out.sum()) - 1) > 0.05:
+            raise ModelError(f"probe gave {out.shape} outputs summing to {float(out.sum()):.3f} for "
+                             f"{len(self.classes)} classes")
 
     @property
     def name(self) -> str:
@@ -158,6 +189,48 @@ def _rounded(classes: list[str], row: np.ndarray) -> dict[str, float]:
     return {c: round(float(v), 6) for c, v in zip(classes, row, strict=True)}
 
 
+def read_card(folder: Path) -> dict:
+    """A model folder's card, checked for what serving reads from it."""
+    card_path = Path(folder) / CARD_NAME
+    try:
+        card = json.loads(card_path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"model card of {Path(folder).name} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"model card of {Path(folder).name} is unreadable: {type(exc).__name__}") from None
+    return check_card(card)
+
+
+def check_card(card: object) -> dict:
+    """A parsed card, checked for what serving reads from it (`ModelError` otherwise)."""
+    if not isinstance(card, dict):
+        raise ModelError("model card must be a JSON object")
+    for key, kind in CARD_SCHEMA.items():
+        value = card.get(key)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ModelError(f"model card entry {key!r} must be a {kind.__name__}")
+    if not (0 < card["threshold"] < 1 and math.isfinite(card["threshold"])) or not 8 <= card["input_size"] <= 1024:
+        raise ModelError("model card threshold or input_size out of range")
+    if "Benign" not in card["classes"]:
+        raise ModelError("model card classes lack 'Benign'")
+    return card
+
+
+def artifact_path(model_dir: Path, name: str, variant: str) -> Path:
+    """The artifact file of model `name` in `model_dir` for `variant` (int8, float32, keras)."""
+    folder = Path(model_dir) / name
+    if not folder.is_dir():
+        available = sorted(p.name for p in Path(model_dir).iterdir() if (p / CARD_NAME).is_file()) \
+            if Path(model_dir).is_dir() else []
+        raise ModelError(f"unknown model {name!r} (available: {', '.join(available) or 'none'})")
+    entry = read_card(folder)["artifacts"].get(variant)
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "/" in entry["file"]:
+        raise ModelError(f"model {name!r} has no {variant} artifact")
+    return folder / entry["file"]
+
+
 def artifact_kind(card: dict, path: Path) -> str:
     """Which of the card's artifacts (`int8`, `float32`, `keras`) this file is, by name or suffix."""
     for kind, entry in card.get("artifacts", {}).items():
@@ -166,7 +239,7 @@ def artifact_kind(card: dict, path: Path) -> str:
     return "keras" if path.suffix == ".keras" else "float32" if "float32" in path.name else "int8"
 
 
-def _litert_runner(path: Path, threads: int, n_classes: int) -> Runner:
+def _litert_runner(model_content: bytes, threads: int, n_classes: int) -> Runner:
     """A LiteRT interpreter per batch size (resizing costs a re-allocation), created on first use.
 
     Artifacts keep float32 input and output; the int8 model quantises inside the graph. Exported
@@ -178,11 +251,10 @@ def _litert_runner(path: Path, threads: int, n_classes: int) -> Runner:
         from ai_edge_litert.interpreter import Interpreter
 
     interpreters: dict[int, Interpreter] = {}
-    model_content = path.read_bytes()
     outputs = Interpreter(model_content=model_content).get_output_details()
     widths = [int(o["shape"][-1]) for o in outputs]
     if widths.count(n_classes) != 1 or len(outputs) > 2:
-        raise ValueError(f"{path.name}: outputs of widths {widths} do not match {n_classes} classes (+ features)")
+        raise ModelError(f"outputs of widths {widths} do not match {n_classes} classes (+ features)")
     prob_slot = widths.index(n_classes)
     feature_slot = 1 - prob_slot if len(outputs) == 2 else None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ _REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMR
 
 
 _JPEG_END = b"\xff\xd9"
-_JPEG_TAIL = 4096  # encoders may pad after the end-of-image marker
+_JPEG_START_OF_SCAN = 0xDA
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: markers without a length
 
 
 class ImageError(ValueError):
@@ -61,32 +63,60 @@ def read_header(data: bytes) -> tuple[int, int, str]:
         raise ImageError("not_an_image", f"unreadable image header: {type(exc).__name__}") from None
 
 
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, offset, length) of each marker segment of a JPEG, up to its start of scan; fill
+    bytes and markers without a length are skipped. Bounded by the data, no decoding."""
+    at = 2  # after SOI
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            at += 2
+            continue
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        yield marker, at, length
+        if marker == _JPEG_START_OF_SCAN:
+            return
+        at += 2 + length
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """The main image's scan data ends with an end-of-image marker (whatever follows it: phone "motion
+    photos" append a video). Segments before the scan are skipped by their lengths, so a complete
+    thumbnail inside EXIF does not count; scan data never holds FF D9 (0xFF is stuffed as FF 00).
+    OpenCV would otherwise decode a truncated file and fill the missing part with grey."""
+    for marker, at, length in _jpeg_segments(data):
+        if marker == _JPEG_START_OF_SCAN:
+            return data.find(_JPEG_END, at + 2 + length) != -1
+    return False
+
+
 # libjpeg's standard luminance quantisation table (quality 50), in the zigzag order a DQT segment uses.
 _JPEG_LUMINANCE_ZIGZAG = np.array([16, 11, 12, 14, 12, 10, 16, 14, 13, 14, 18, 17, 16, 19, 24, 40, 26, 24, 22, 22, 24,
                                    49, 35, 37, 29, 40, 58, 51, 61, 60, 57, 51, 56, 55, 64, 72, 92, 78, 64, 68, 87, 69,
                                    55, 56, 80, 109, 81, 87, 95, 98, 103, 104, 103, 62, 77, 113, 121, 112, 100, 120, 92,
                                    101, 103, 99], float)
+_JPEG_QUANTISATION_TABLE = 0xDB
 
 
 def jpeg_quality(data: bytes) -> int | None:
     """Estimated libjpeg quality (1-100) of a JPEG from its first luminance quantisation table, or
-    None for other formats and unreadable headers. Reads the marker segments before the scan only
-    (bounded, no decoding). Heavy compression destroys detail that a resized tensor hides."""
+    None for other formats and unreadable headers (header only, no decoding). Heavy compression
+    destroys detail that a resized tensor hides."""
     if data[:2] != b"\xff\xd8":
         return None
-    pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker == 0xDA or length < 2:  # start of scan: no table before it
-            return None
-        if marker == 0xDB:
-            segment = data[pos + 4:pos + 2 + length]
-            if len(segment) < 65 or segment[0] >> 4 != 0 or segment[0] & 0x0F != 0:
-                return None  # only an 8-bit table 0 first is read
+    for marker, at, length in _jpeg_segments(data):
+        if marker == _JPEG_QUANTISATION_TABLE:
+            segment = data[at + 4:at + 2 + length]
+            if len(segment) < 65 or segment[0] != 0:  # only an 8-bit table 0 first is read
+                return None
             scale = float(np.mean(np.frombuffer(segment[1:65], np.uint8) / _JPEG_LUMINANCE_ZIGZAG)) * 100
             quality = (200 - scale) / 2 if scale <= 100 else 5000 / scale
             return int(np.clip(round(quality), 1, 100))
-        pos += 2 + length
     return None
 
 
@@ -111,7 +141,7 @@ def preprocess(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> n
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
         raise ImageError("bad_aspect_ratio",
                          f"{fmt} image of {width}x{height} exceeds aspect ratio {limits.max_aspect_ratio}")
-    if fmt == "JPEG" and _JPEG_END not in data[-_JPEG_TAIL:]:
+    if fmt == "JPEG" and not _jpeg_complete(data):
         raise ImageError("not_an_image", f"truncated JPEG of {width}x{height}: no end-of-image marker")
     flag = _REDUCED_FLAGS[reduction_factor(width, height, size)]
     try:

@@ -24,6 +24,17 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 BASE = "allds-location/Devices/allds-zone/allds-device"
 
 
+def _wait_for(get, timeout: float, what: str):
+    """Poll `get()` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = get()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise AssertionError(what)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,19 +143,27 @@ class Client:
         self.client.on_message = lambda c, u, m: self.messages.put(m)
         self.refused = None
         self.client.on_connect = lambda c, u, f, rc, p: setattr(self, "refused", rc if rc.is_failure else False)
+        self.subacks: dict[int, list] = {}
+        self.pubacks: dict[int, object] = {}
+        self.client.on_subscribe = lambda c, u, mid, codes, p: self.subacks.__setitem__(mid, codes)
+        self.client.on_publish = lambda c, u, mid, rc, p: self.pubacks.__setitem__(mid, rc)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         deadline = time.monotonic() + 10
         while self.refused is None and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def subscribe(self, topic: str) -> Client:
+    def subscribe(self, topic: str, timeout: float = 10.0) -> Client:
+        """Subscribe at QoS 1 and wait for the SUBACK (raises if the broker refused it)."""
         result, mid = self.client.subscribe(topic, qos=1)
-        time.sleep(0.2)
+        codes = _wait_for(lambda: self.subacks.get(mid), timeout, f"no SUBACK for {topic}")
+        if any(code.is_failure for code in codes):
+            raise AssertionError(f"subscription to {topic} refused: {codes}")
         return self
 
     def publish(self, topic: str, payload, response_topic: str | None = None, correlation: bytes | None = None,
-                user: list[tuple[str, str]] | None = None, retain: bool = False) -> None:
+                user: list[tuple[str, str]] | None = None, retain: bool = False):
+        """Publish at QoS 1 and wait for the PUBACK; returns its reason code."""
         props = None
         if response_topic or correlation or user:
             props = Properties(PacketTypes.PUBLISH)
@@ -154,7 +173,8 @@ class Client:
                 props.CorrelationData = correlation
             if user:
                 props.UserProperty = user
-        self.client.publish(topic, payload, qos=1, retain=retain, properties=props).wait_for_publish(10)
+        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        return _wait_for(lambda: self.pubacks.get(info.mid), 30, f"no PUBACK for a publish on {topic}")
 
     def expect(self, topic: str, timeout: float = 15.0, where=lambda m: True) -> mqtt.MQTTMessage:
         deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,8 @@ def test_status_is_retained_online_then_offline_on_sigterm(broker, client, onlin
     assert message.payload == b"ONLINE" and message.retain and message.qos == 1
     late.close()
     assert online.terminate() == 0
-    assert client.expect(STATUS, 15, lambda m: m.payload == b"OFFLINE")
+    offline = client.expect(STATUS, 15, lambda m: m.payload == b"OFFLINE")
+    assert dict(offline.properties.UserProperty)["reason"] == "shutdown"  # the agent's own, not its Last Will
     after = Client(broker.port).subscribe(STATUS)
     assert after.expect(STATUS).payload == b"OFFLINE"
     after.close()
@@ -44,7 +46,7 @@ def test_status_is_retained_online_then_offline_on_sigterm(broker, client, onlin
 def test_last_will_publishes_offline_after_kill_9(broker, client, online):
     online.kill()
     message = client.expect(STATUS, 20, lambda m: m.payload == b"OFFLINE")
-    assert message.qos == 1
+    assert message.qos == 1 and dict(message.properties.UserProperty)["reason"] == "connection lost"
 
 
 def test_life_has_numeric_hias_fields(client, online):
@@ -56,11 +58,10 @@ def test_life_has_numeric_hias_fields(client, online):
 
 
 def test_raw_bytes_with_v5_response_topic_and_correlation(client, online, image):
-    client.client.subscribe("replies/test", qos=1)
-    time.sleep(0.2)
-    client.publish(INFERENCE, image, response_topic="replies/test", correlation=b"req-1",
+    reply_topic = f"{DIAGNOSIS}/requester-1/r"  # private replies live under the Diagnosis topic
+    client.publish(INFERENCE, image, response_topic=reply_topic, correlation=b"req-1",
                    user=[("name", "WBC-Malignant-Pro-089.jpg")])
-    message = client.expect("replies/test")
+    message = client.expect(reply_topic)
     reply = json.loads(message.payload)
     assert message.properties.CorrelationData == b"req-1"
     assert reply["id"] == "req-1" and reply["name"] == "WBC-Malignant-Pro-089.jpg"
@@ -78,7 +79,8 @@ def test_raw_bytes_with_v5_response_topic_and_correlation(client, online, image)
     assert sensors["Type"] == "GeniSysAI" and sensors["Sensor"] == "ALL Classifier"
     assert sensors["Value"] == reply["diagnosis"]
     assert sensors["Message"] == ("Acute Lymphoblastic Leukemia detected!" if reply["diagnosis"] == "Positive"
-                                  else "Acute Lymphoblastic Leukemia not detected!")
+                                  else "No Acute Lymphoblastic Leukemia detected")
+    assert sensors["id"] == "req-1"
 
 
 def test_json_envelope_on_mqtt_311(broker, online, image):
@@ -149,12 +151,48 @@ def _run_agent(config_text: str, tmp_path) -> subprocess.CompletedProcess:
     ("inference: {max_batch: 0}", "inference.max_batch"),
     ("logging: {colour: true}", "logging.colour"),
     ("broker: [", "not valid YAML"),
+    ("broker: {port: 70000}", "broker.port"),
+    ("broker: {keepalive: 100000}", "broker.keepalive"),
+    ("hias: {device: '#'}", "hias.device"),
+    ("hias: {name: 'a/b'}", "hias.name"),
+    ("broker: {client_id: '+'}", "broker.client_id"),
+    ("inference: {request_topic: '#'}", "inference.request_topic"),
+    ("inference: {shared_group: 'a/b'}", "inference.shared_group"),
+    ("inference: {reply_topics: ['$SYS/#']}", "inference.reply_topics"),
+    ("broker: {session_expiry_s: 0}", "broker.session_expiry_s"),
+    ("broker: {host: 10.1.2.3, allow_insecure: true, username: u, password_env: HOME}", "broker.username"),
+    ("model: {path: x.tflite}", "model.path"),
+    ("model: {name: ../etc}", "model.name"),
 ])
 def test_config_errors_exit_2_with_one_line(tmp_path, text, names):
     result = _run_agent(text, tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and names in lines[0] and "Traceback" not in result.stderr
+
+
+def test_unreadable_password_file_is_one_line():
+    """The agent's user cannot read the secret (root's, 0600): one line, exit 2."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        public = Path(folder)
+        public.chmod(0o755)  # pytest's own tmp_path is private to root
+        secret = public / "secret"
+        secret.write_text("pw")
+        secret.chmod(0o600)
+        path = public / "agent.yaml"
+        path.write_text(f"broker: {{username: u, password_file: {secret}}}\n")
+        path.chmod(0o644)
+        result = _run_as_nobody(path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "broker.password_file" in lines[0] and "Traceback" not in result.stderr
+
+
+def _run_as_nobody(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "agent",
+                           "--config", str(path)], cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
 def test_replay_of_real_images(broker, client, online, data_root, tmp_path):

@@ -12,7 +12,8 @@ from tests.helpers import BASE
 from tests.test_preprocess import encode, jpeg_declaring, png_declaring
 
 INFERENCE, DIAGNOSIS, COMMANDS = f"{BASE}/Inference", f"{BASE}/Diagnosis", f"{BASE}/Commands"
-RSS_BOUND_MB = 350  # LiteRT agent (~100 MB) + max_inflight 4 x 12 MB payloads + decode buffers
+RSS_BOUND_MB = 350  # LiteRT agent (~100 MB) + up to 10 payloads of 10 MiB in flight + decode buffers
+OVER_LIMIT = 10 * 1024 * 1024 + 1024  # over max_payload_bytes, within the packet headroom: reaches the agent
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -23,7 +24,7 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def test_hostile_payload_suite(broker, client, start_agent, data_root):
-    agent = start_agent(broker.port, inference={"max_inflight": 4})
+    agent = start_agent(broker.port)  # the shipped limits: max_inflight 32, max_payload_bytes 10 MiB
     client.expect(f"{BASE}/Status", 20, lambda m: m.payload == b"ONLINE")
     jpeg = (data_root / "Benign/WBC-Benign-003.jpg").read_bytes()
     cell = cv2.imread(str(data_root / "Benign/WBC-Benign-003.jpg"))
@@ -32,7 +33,7 @@ def test_hostile_payload_suite(broker, client, start_agent, data_root):
         "jpeg-bomb": (jpeg_declaring(jpeg, 60000, 60000), "image_too_large"),
         "one-pixel": (encode(np.zeros((1, 1, 3), np.uint8)), "image_too_small"),
         "sliver": (encode(np.zeros((8, 3000, 3), np.uint8)), "bad_aspect_ratio"),
-        "huge-envelope": (b'{"id": "x", "image": "' + b"A" * (11 * 1024 * 1024) + b'"}', "payload_too_large"),
+        "huge-envelope": (b'{"id": "x", "image": "' + b"A" * OVER_LIMIT + b'"}', "payload_too_large"),
         "not-utf8-json": (b'{"id": "\xff\xfe", "image": ""}', "bad_json"),
     }
     for name, (payload, code) in refused.items():
@@ -49,8 +50,8 @@ def test_hostile_payload_suite(broker, client, start_agent, data_root):
         assert client.expect_json(DIAGNOSIS, id=name)["diagnosis"] in ("Positive", "Negative"), name
     client.publish(INFERENCE, jpeg, correlation=b"big-name", user=[("name", "n" * 60_000)])  # MQTT allows 65,535
     assert client.expect_json(DIAGNOSIS, id="big-name")["error"]["code"] == "bad_request"
-    for n in range(10):  # a flood of oversized payloads
-        client.publish(INFERENCE, b"\xff\xd8" + bytes(12 * 1024 * 1024), correlation=f"flood-{n}".encode())
+    for n in range(10):  # a flood of oversized payloads (larger ones never leave the broker: Maximum Packet Size)
+        client.publish(INFERENCE, b"\xff\xd8" + bytes(OVER_LIMIT), correlation=f"flood-{n}".encode())
     for n in range(10):
         assert client.expect_json(DIAGNOSIS, 30, id=f"flood-{n}")["error"]["code"] == "payload_too_large"
     for command in ({"Type": ["Life"]}, {"Type": "Reload", "Value": 42}, {"Type": "Reload", "Value": "/no/such.tflite"}):

@@ -95,6 +95,25 @@ def test_jpeg_bomb_and_truncation_are_refused(data_root):
     assert info.value.code == "not_an_image"
 
 
+def test_jpeg_with_data_after_its_end_is_served(data_root):
+    """Phone "motion photos" append a video after the JPEG's end marker; decoders read the image."""
+    jpeg = (data_root / SAMPLE).read_bytes()
+    tail = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    assert b"\xff\xd9" in tail  # the appended data may even hold the end marker's bytes
+    np.testing.assert_array_equal(preprocess(jpeg + tail, 128), preprocess(jpeg, 128))
+
+
+def test_truncated_jpeg_is_refused_even_with_a_complete_thumbnail_inside(data_root):
+    jpeg = (data_root / SAMPLE).read_bytes()
+    thumbnail = encode(np.full((16, 16, 3), 90, np.uint8), ".jpg")
+    app1 = b"Exif\x00\x00" + thumbnail
+    with_thumbnail = jpeg[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + jpeg[2:]
+    assert preprocess(with_thumbnail, 128).shape == (128, 128, 3)
+    with pytest.raises(ImageError) as info:
+        preprocess(with_thumbnail[: len(with_thumbnail) * 2 // 3], 128)
+    assert info.value.code == "not_an_image"
+
+
 @pytest.mark.parametrize("image", [
     np.full((64, 64), 128, np.uint8),  # 1 channel
     np.full((64, 64, 4), 200, np.uint8),  # alpha

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
-import threading
 import time
 
 from tests.helpers import BASE, REPO, Broker, Client
@@ -45,8 +45,12 @@ def test_300_requests_survive_two_broker_restarts_and_an_agent_sigkill(tmp_path,
         time.sleep(3)
         restart_broker()
         time.sleep(3)
+        agent.proc.send_signal(signal.SIGSTOP)  # requests pile up in flight: delivered, never answered
+        stopped_at = time.time()
+        time.sleep(1.0)
+        killed_at = time.time()
         agent.kill()  # SIGKILL mid-run: its open requests were never acknowledged
-        events.append(("agent killed", time.time()))
+        events.append(("agent killed", killed_at))
         time.sleep(0.5)
         agent.start()
         time.sleep(3)
@@ -61,6 +65,9 @@ def test_300_requests_survive_two_broker_restarts_and_an_agent_sigkill(tmp_path,
                 after = [t for t in connected if t >= when - 0.01]
                 print(f"{what}: agent reconnected after {min(after) - when:.2f} s" if after else f"{what}: ?")
         assert replay.returncode == 0, err[-2000:]
+        in_flight = [r for r in report["results"] if stopped_at <= r["sent_at"] <= killed_at]
+        print(f"in flight at the SIGKILL: {len(in_flight)} requests sent while the agent was stopped")
+        assert len(in_flight) >= 10
         assert report["images"] == 300 and report["answered"] == 300 and report["missing"] == []
         assert all("diagnosis" in r["reply"] for r in report["results"])
     finally:
@@ -99,12 +106,13 @@ def test_shutdown_with_requests_in_flight_loses_none(tmp_path, start_agent, data
         _online(broker.port)
         client = Client(broker.port).subscribe(f"{BASE}/Diagnosis")
         images = sorted((data_root / "Early").glob("*.jpg"))[:60]
-        sender = threading.Thread(target=lambda: [client.publish(f"{BASE}/Inference", p.read_bytes(),
-                                                                 correlation=p.name.encode()) for p in images])
-        sender.start()
-        time.sleep(0.3)
-        assert agent.terminate() == 0
-        sender.join()
+        agent.proc.send_signal(signal.SIGSTOP)  # all 60 are in flight when SIGTERM arrives
+        for p in images:
+            client.publish(f"{BASE}/Inference", p.read_bytes(), correlation=p.name.encode())
+        assert client.messages.empty()
+        agent.proc.send_signal(signal.SIGTERM)
+        agent.proc.send_signal(signal.SIGCONT)
+        assert agent.proc.wait(10) == 0
         agent.start()
         seen = set()
         deadline = time.monotonic() + 60

@@ -49,7 +49,8 @@ def test_micro_batches_answer_each_request_with_its_own_result(broker, client, s
 def test_agent_pool_answers_each_id_exactly_once(broker, start_agent, data_root, tmp_path):
     pool_topic = "allds-location/Devices/allds-zone/allds-pool/Inference"
     agents = [start_agent(broker.port, name=f"pool{n}", hias={"device": f"allds-device-{n}", "name": f"allds-agent-{n}"},
-                          inference={"request_topic": pool_topic, "shared_group": "allds"}) for n in (1, 2)]
+                          inference={"request_topic": pool_topic, "shared_group": "allds",
+                                     "reply_topics": ["{base}/Diagnosis/#", "replies/#"]}) for n in (1, 2)]
     watcher = Client(broker.port).subscribe("allds-location/Devices/allds-zone/+/Status")
     online = set()
     while len(online) < 2:

@@ -1,0 +1,68 @@
+"""The wire parsers are total: whatever bytes arrive, they return a request/command or raise the
+project's own error, never anything else; HIAS records stay within bcrypt's 72 bytes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent import protocol
+from model.classifier import Diagnosis
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.binary(max_size=4096),
+                 JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+                 st.dictionaries(st.sampled_from(["id", "name", "image", "x"]), JSON_VALUES)
+                 .map(lambda d: json.dumps(d).encode()),
+                 st.integers(1, 3000).map(lambda n: b"{" + b'"a":[' * n)))
+def test_parse_request_is_total(payload):
+    try:
+        request = protocol.parse_request(payload, None, 10_000)
+    except protocol.RequestError as exc:
+        assert exc.code in {"bad_json", "bad_request", "bad_base64", "empty_payload", "payload_too_large"}
+        return
+    assert isinstance(request.id, str) and isinstance(request.image, bytes) and request.image
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.binary(max_size=2048),
+                 JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+                 st.dictionaries(st.sampled_from(["Type", "Value", "From", "Message"]), JSON_VALUES)
+                 .map(lambda d: json.dumps(d).encode())))
+def test_parse_command_is_total(payload):
+    try:
+        command = protocol.parse_command(payload)
+    except ValueError:
+        return
+    assert isinstance(command.type, str) and (command.value is None or isinstance(command.value, str))
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}', True),  # brackets inside a string do not nest
+    ('{"a": "\\\\", "b": ' + "[" * 40 + "]" * 40 + "}", False),  # an escaped backslash ends before the quote
+    ('{"a": "\\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}', True),  # an escaped quote stays in the string
+    ("[" * 32 + "]" * 32, True),
+    ("[" * 33 + "]" * 33, False),
+])
+def test_json_nesting_bound_reads_strings_right(text, ok):
+    if ok:
+        protocol.parse_json(text.encode(), "test")
+    else:
+        with pytest.raises(ValueError, match="nested deeper"):
+            protocol.parse_json(text.encode(), "test")
+
+
+@pytest.mark.parametrize("label", ["Positive", "Negative"])
+def test_sensors_record_hashed_part_fits_bcrypt(label):
+    diagnosis = Diagnosis(label, None, 0.9, 0.9 if label == "Positive" else 0.1, {"Benign": 0.1, "ALL": 0.9})
+    record = json.loads(protocol.sensors_record(diagnosis, "r-1"))
+    hashed = (record["Sensor"] + record["Type"] + record["Value"] + record["Message"]).encode()
+    assert len(hashed) <= 72, (label, len(hashed))
+    assert record["Value"] == label and record["id"] == "r-1"
