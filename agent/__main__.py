@@ -13,12 +13,13 @@ import time
 
 from agent.config import ConfigError, load
 from agent.metrics import Metrics
+from agent.models import ModelStore
 from agent.protocol import now_iso
 from agent.service import ClassificationService
 from agent.session import MqttSession, Will
 from agent.telemetry import LifeReporter
 from agent.topics import Topics
-from model.classifier import Classifier, ModelError, artifact_path
+from model.classifier import ModelError
 
 log = logging.getLogger("allds.agent")
 DRAIN_TIMEOUT_S = 2.5  # with the last OFFLINE and the DISCONNECT, SIGTERM is honoured within 5 s
@@ -59,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.logging.level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        classifier = Classifier.load(artifact_path(config.model_dir, config.model.name, config.model.variant),
-                                     config.model.threads)
+        store = ModelStore(config)
+        classifier = store.start()
     except (OSError, ModelError) as exc:
         print(f"model error: {config.model.name}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     session = MqttSession(config.broker, config.client_id, password,
                           will=Will(topics.status, "OFFLINE", (("reason", "connection lost"),)),
                           receive_maximum=config.inference.max_inflight,
-                          max_packet_bytes=config.inference.max_payload_bytes,
+                          max_packet_bytes=max(config.inference.max_payload_bytes,
+                                               config.model.max_bundle_bytes if config.model.trusted_keys else 0),
                           outbox_size=config.telemetry.outbox_size)
     metrics = None
     if config.metrics.port:
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: metrics.port: cannot listen on {config.metrics.bind}:{config.metrics.port} "
                   f"({exc.strerror})", file=sys.stderr)
             return EXIT_CONFIG
-    service = ClassificationService(config, session, classifier, topics, metrics)
+    service = ClassificationService(config, session, classifier, store, topics, metrics)
     started = time.monotonic()
 
     def agent_fields() -> dict:

@@ -26,7 +26,7 @@ class ConfigError(Exception):
     """A config problem, reported as one line naming the key."""
 
 
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")  # a folder of model.dir, e.g. cellnet@2026-12-01-1a2b3c4d5e6f
 TOPIC_LEVEL = re.compile(r"[^/#+$\x00][^/#+\x00]*")  # one topic level: no separator, wildcard, `$` start or NUL
 MAX_MQTT_PACKET = 268_435_455
 
@@ -105,6 +105,18 @@ class Model:
     variant: str = key("int8", "Artifact of the model card served: LiteRT `int8` or `float32`, or `keras` (TensorFlow).",
                        choices=("int8", "float32", "keras"))
     threads: int = key(2, "LiteRT (XNNPACK) threads.", minimum=1, maximum=64)
+    state_file: str | None = key(None, "File where the agent remembers which model serves (after a Reload, a delivery or "
+                                       "a Rollback) and which one served before, so a restart serves the last active "
+                                       "model; none = always start with `name`.")
+    trusted_keys: list[str] = key([], "Ed25519 public keys (`signing.pub` of `python -m model keygen`) whose signed "
+                                      "bundles the agent accepts on `{base}/Model` (and `fleet_topic`); empty = "
+                                      "delivery over the broker off. Accepted models are installed into `dir`.")
+    max_bundle_bytes: int = key(10 * 1024 * 1024, "Largest model bundle accepted.", minimum=1024,
+                                maximum=MAX_MQTT_PACKET - 65536)
+    fleet_topic: str | None = key(None, "A topic every agent of a fleet also takes bundles from (one publish updates "
+                                        "them all), e.g. `{location}/Devices/{zone}/Fleet/Models` (five levels: "
+                                        "HIAS 3's IoT agent fails on four).",
+                                  pattern=re.compile(r"[^#+$\x00][^#+\x00]*"), pattern_doc="a topic name, no wildcards")
 
 
 @dataclass
@@ -289,6 +301,8 @@ def parse(raw: dict | None) -> Config:
         raise ConfigError("broker.password_file: set together with broker.password_env; choose one")
     if config.inference.shared_group and broker.protocol != "5":
         raise ConfigError("inference.shared_group: shared subscriptions need broker.protocol 5")
+    if config.model.trusted_keys and not config.model.state_file:
+        raise ConfigError("model.state_file: needed with model.trusted_keys, so a delivered model survives a restart")
     if broker.reconnect_max_s < broker.reconnect_min_s:
         raise ConfigError("broker.reconnect_max_s: must be at least broker.reconnect_min_s")
     return config
