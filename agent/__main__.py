@@ -12,6 +12,7 @@ import threading
 import time
 
 from agent.config import ConfigError, load
+from agent.diagnosis_ui import DiagnosisServer
 from agent.metrics import Metrics
 from agent.models import ModelStore
 from agent.protocol import now_iso
@@ -84,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"({exc.strerror})", file=sys.stderr)
             return EXIT_CONFIG
     service = ClassificationService(config, session, classifier, store, topics, metrics)
+    http = None
+    if config.http.port:
+        try:
+            http = DiagnosisServer(config.http, service)
+        except OSError as exc:
+            print(f"config error: http.port: cannot listen on {config.http.bind}:{config.http.port} ({exc.strerror})",
+                  file=sys.stderr)
+            return EXIT_CONFIG
     started = time.monotonic()
 
     def agent_fields() -> dict:
@@ -95,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 "stale_acks": session.stale_acks}
 
     life = LifeReporter(config.telemetry, lambda body: session.publish(topics.life, body, droppable=True),
-                        agent_fields)
+                        agent_fields, numeric_temperature=config.hias.dialect == "hias3")
     service.on_life_command = life.trigger
 
     def announce(resumed: bool) -> None:
@@ -111,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting: model %s %s (%s), base topic %s, broker %s:%s", classifier.name, classifier.version,
              classifier.path.name, topics.base, config.broker.host, config.broker.port)
     session.start()
+    if http:
+        http.start()
     sd_notify("READY=1")  # serving runs; the connection comes and goes and is the watchdog's business
     beat = watchdog_interval()
     reported: set[str] = set()
@@ -129,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         life.stop()
         session.stop()
         return EXIT_CONFIG
+    if http:
+        http.stop()
     log.info("stopping: finishing %d open requests", service.open_requests)
     sd_notify("STOPPING=1")
     connected = session.connected.is_set()

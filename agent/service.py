@@ -9,6 +9,7 @@ message is acknowledged, so no message can stop the agent or come back to do it 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import queue
 import threading
@@ -41,6 +42,7 @@ class Job:
     request: protocol.Request | None = None
     tensor: np.ndarray | None = None
     decode_ms: float = 0.0
+    respond: Callable[[dict], None] | None = None  # a local (HTTP) request: the answer goes here, not to MQTT
 
 
 @dataclass
@@ -91,7 +93,8 @@ class ClassificationService:
     def start(self) -> None:
         """Register the subscriptions and start the inference thread (before the session starts)."""
         self.session.subscribe(self.topics.request, self._on_request, self.config.inference.shared_group)
-        self.session.subscribe(self.topics.commands, self._on_command)
+        for topic in (self.topics.commands, *self.topics.extra_commands):
+            self.session.subscribe(topic, self._on_command)
         if self.config.model.trusted_keys:
             for topic in (f"{self.topics.base}/Model", self.config.model.fleet_topic):
                 if topic:
@@ -137,8 +140,35 @@ class ClassificationService:
     # ---- models ------------------------------------------------------------------------
     def publish_model_state(self, state: str = "active", model: dict | None = None, reason: str | None = None) -> None:
         """The retained `ModelState` record (on every connect, and on every step of every model change)."""
-        self.session.publish(self.topics.model_state, protocol.model_state(state, model or self.model, reason, self.model),
-                             retain=True)
+        model = model or self.model
+        self.session.publish(self.topics.model_state, protocol.model_state(state, model, reason, self.model), retain=True)
+        if self.config.hias.dialect == "hias3":
+            self._classification({"State": state}, f"{model.get('name')} {model.get('version')} {state}"
+                                                   + (f": {reason}" if reason else ""))
+
+    def _classification(self, fields: dict, message: str) -> None:
+        """HIAS 3's `Classification` record: `Model` as HIAS names it, a `State` or a `Type` + `Value`, `Message`."""
+        record = {"Model": self.config.hias.model_name or self.classifier.name, **fields, "Message": message[:200]}
+        self.session.publish(self.topics.classification, json.dumps(record))
+
+    def submit_local(self, image: bytes, name: str | None, respond: Callable[[dict], None]) -> bool:
+        """Serve an image that came another way than MQTT (HIAS's Diagnosis page over HTTP) through the
+        same pipeline; `respond` gets the answer JSON. False when the agent is stopping."""
+        if not self._accepting.is_set():
+            return False
+        properties = publish_properties(user=[("name", name)]) if name else None
+        job = Job(Inbound("http", image, properties, 0, 0, False, 0), time.perf_counter(), respond=respond)
+        with self._lock:
+            self._open += 1
+            self._decoding += 1
+        try:
+            self._decoder.submit(self._decode, job)
+        except RuntimeError:
+            with self._lock:
+                self._open -= 1
+                self._decoding -= 1
+            return False
+        return True
 
     def _serve(self, name: str, state: str, origin: str, new: Classifier | None = None,
                bundle: str | None = None) -> Classifier:
@@ -291,10 +321,16 @@ class ClassificationService:
         body = protocol.diagnosis_reply(req, diagnosis, model,
                                         {"decode": job.decode_ms, "inference": inference_ms, "total": total_ms},
                                         self.config.hias.name)
-        topic = protocol.reply_route(job.message.properties)[0] or self.topics.diagnosis
-        self.session.publish(topic, body, properties=publish_properties(correlation=req.correlation),
-                             on_acked=lambda refusal: self._replied(job, topic, refusal))
+        if job.respond:
+            job.respond(json.loads(body))
+            self._finish(job)
+        else:
+            topic = protocol.reply_route(job.message.properties)[0] or self.topics.diagnosis
+            self.session.publish(topic, body, properties=publish_properties(correlation=req.correlation),
+                                 on_acked=lambda refusal: self._replied(job, topic, refusal))
         self.session.publish(self.topics.sensors, protocol.sensors_record(diagnosis, req.id))
+        if self.config.hias.dialect == "hias3":
+            self._classification({"Type": "Diagnosis", "Value": diagnosis.label}, f"{req.name or req.id}: {diagnosis.label}")
         self.counters.add("diagnoses")
         if self.metrics:
             self.metrics.answered(diagnosis.label, total_ms / 1000, job.decode_ms / 1000)
@@ -316,6 +352,11 @@ class ClassificationService:
             request_id, name = job.request.id, job.request.name
         if self.metrics:
             self.metrics.answered(code, time.perf_counter() - job.received)
+        if job.respond:
+            job.respond(json.loads(protocol.error_reply(code, message, request_id, name, self.config.hias.name)))
+            self.counters.add("errors")
+            self._finish(job)
+            return
         self._send_error(job.message, code, message, request_id, name, on_acked=lambda _: self._finish(job),
                          to_default=to_default or code == "bad_response_topic")
 
@@ -350,6 +391,8 @@ class ClassificationService:
         if message.retain:
             self._command_error(message, "retained commands are not executed (clear it: mosquitto_pub -r -n -t "
                                          f"{message.topic})")
+        elif command.to is not None and command.to != self.config.hias.device:
+            self._command_error(message, f"the command is addressed To {command.to[:80]!r}, not to this device")
         elif command.type == "Life":
             self.on_life_command()
             self.session.ack(message)
