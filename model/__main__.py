@@ -241,7 +241,7 @@ def cmd_bundle(args: argparse.Namespace) -> None:
 
     folder = _artifact_dir(args.artifact)
     canary = make_canary(folder, data.data_root(args.data), args.canary)
-    content = build_bundle(folder, load_private_key(Path(args.key)), canary)
+    content = build_bundle(folder, load_private_key(Path(args.key)), canary, tuple(args.variants))
     Path(args.out).write_bytes(content)
     print(f"{args.out}: {len(content)} bytes, sha256 {hashlib.sha256(content).hexdigest()}")
 
@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key", required=True, help="signing.key from keygen")
     p.add_argument("--out", required=True, help="bundle file to write")
     p.add_argument("--canary", type=int, default=8, help="held-out test images in the canary set (default 8)")
+    p.add_argument("--variants", nargs="+", default=["int8", "float32"], choices=["int8", "float32", "keras"],
+                   help="artifacts the bundle carries (default: int8 float32, what a Pi serves)")
     p.set_defaults(func=cmd_bundle)
     p = sub.add_parser("verify-bundle", help="verify a bundle against trusted public keys and print its manifest")
     p.add_argument("file")

@@ -178,11 +178,20 @@ def _canary_name(variant: str) -> str:
     return f"canary_expected_{variant}.npy"
 
 
-def build_bundle(folder: Path, private_key: Ed25519PrivateKey, canary: Canary) -> bytes:
-    """A signed bundle of the model folder: its card, every file the card lists, and the canary."""
+SERVED_VARIANTS = ("int8", "float32")  # what a Pi serves; the .keras file stays with the trainer
+
+
+def build_bundle(folder: Path, private_key: Ed25519PrivateKey, canary: Canary,
+                 variants: tuple[str, ...] = SERVED_VARIANTS) -> bytes:
+    """A signed bundle of the model folder: its card (listing only the artifacts of `variants`), every
+    file that card lists, and the canary."""
     folder = Path(folder)
-    card_bytes = (folder / CARD_NAME).read_bytes()
-    card = check_card(json.loads(card_bytes))
+    card = check_card(json.loads((folder / CARD_NAME).read_bytes()))
+    missing = [v for v in variants if v not in card["artifacts"]]
+    if missing or not variants:
+        raise BundleError(f"{folder.name} has no {', '.join(missing) or 'chosen'} artifact")
+    card = check_card({**card, "artifacts": {v: e for v, e in card["artifacts"].items() if v in variants}})
+    card_bytes = (json.dumps(card, indent=2) + "\n").encode()
     for label in (card["name"], card["version"]):
         if not _SAFE_NAME.fullmatch(label):
             raise BundleError(f"model name/version {label[:40]!r} is not a plain name")

@@ -107,9 +107,11 @@ def test_round_trip_installs_the_model_folder_and_its_canary_reproduces(good, ke
     assert 0 <= (datetime.now(UTC) - bundle.created).total_seconds() < 3600
     folder = bundle.install(tmp_path / "models")
     assert folder == tmp_path / "models" / f"cellnet@{card['version']}-{bundle.sha256[:12]}"
-    for entry in card["artifacts"].values():  # every file the card lists, byte for byte
+    served = {v: e for v, e in card["artifacts"].items() if v in b.SERVED_VARIANTS}
+    for entry in served.values():  # every served artifact, byte for byte; the .keras file stays home
         assert (folder / entry["file"]).read_bytes() == (CELLNET / entry["file"]).read_bytes()
-    assert read_card(folder) == card
+    assert read_card(folder) == {**card, "artifacts": served}
+    assert not (folder / card["artifacts"]["keras"]["file"]).exists() and len(good) < 10 * 1024 * 1024  # fits a request
     assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]  # no partial folder left
     for variant in ("int8", "float32"):
         classifier = Classifier.load(folder / card["artifacts"][variant]["file"])
