@@ -140,6 +140,8 @@ class Inference:
     max_batch: int = key(8, "Largest micro-batch.", minimum=1)
     batch_wait_ms: float = key(2.0, "Longest wait for more requests to join a batch while others are still decoding.", minimum=0)
     decode_workers: int = key(2, "Threads that decode and preprocess images.", minimum=1)
+    explain_max_side: int = key(1024, "An explanation's heat map has the image's size, scaled down to fit this many "
+                                      "pixels on its longer side.", minimum=16, maximum=8192)
     request_topic: str | None = key(None, "Request topic; default `{base}/Inference`. Agents of one pool share one.",
                                     pattern=re.compile(r"[^#+$\x00][^#+\x00]*"), pattern_doc="a topic name, no wildcards")
     shared_group: str | None = topic_id(None, "Subscribe as `$share/{group}/{request topic}` so a pool of agents shares "

@@ -43,6 +43,7 @@ class Request:
     name: str | None
     image: bytes
     correlation: bytes | None = None
+    explain: bool = False  # the requester wants a heat map of where the model looked
 
     @property
     def sha256(self) -> str:
@@ -119,14 +120,14 @@ def parse_request(payload: bytes, properties, max_payload_bytes: int) -> Request
         raise RequestError("bad_request", f"user property name longer than {MAX_NAME_CHARS} characters", request_id)
     text = payload.removeprefix(BOM)
     if text.lstrip()[:1] in (b"{", b"["):
-        return _parse_envelope(text, correlation, request_id, name)
+        return _parse_envelope(text, correlation, request_id, name, dict(user_properties).get("explain") == "1")
     if not payload:
         raise RequestError("empty_payload", "the payload is empty", request_id, name)
     request_id = request_id or hashlib.sha256(payload).hexdigest()[:16]
-    return Request(request_id, name, payload, correlation)
+    return Request(request_id, name, payload, correlation, dict(user_properties).get("explain") == "1")
 
 
-def _parse_envelope(payload: bytes, correlation, request_id, name) -> Request:
+def _parse_envelope(payload: bytes, correlation, request_id, name, explain: bool) -> Request:
     try:
         doc = parse_json(payload, "the JSON envelope")
     except ValueError as exc:
@@ -151,7 +152,10 @@ def _parse_envelope(payload: bytes, correlation, request_id, name) -> Request:
         raise RequestError("bad_base64", "\"image\" is not valid base64", raw_id, name) from None
     if not data:
         raise RequestError("empty_payload", "\"image\" decodes to no bytes", raw_id, name)
-    return Request(raw_id, name, data, correlation)
+    wants = doc.get("explain", explain)
+    if not isinstance(wants, bool):
+        raise RequestError("bad_request", "\"explain\" must be true or false", raw_id, name)
+    return Request(raw_id, name, data, correlation, wants)
 
 
 def parse_command(payload: bytes) -> Command:
@@ -180,15 +184,21 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def diagnosis_reply(request: Request, diagnosis: Diagnosis, model: dict, timing_ms: dict, device: str) -> bytes:
-    """The Diagnosis JSON for one served request."""
-    return json.dumps({
+def diagnosis_reply(request: Request, diagnosis: Diagnosis, model: dict, timing_ms: dict, device: str,
+                    explanation: dict | None = None) -> bytes:
+    """The Diagnosis JSON for one served request: Positive/Negative with the calibrated confidence, or
+    Indeterminate with its reason; the explanation when the request asked for one."""
+    reply = {
         "id": request.id, "name": request.name, "sha256": request.sha256,
-        "diagnosis": diagnosis.label, "confidence": round(diagnosis.confidence, 6),
+        "diagnosis": diagnosis.label, "reason": diagnosis.reason,
+        "confidence": None if diagnosis.confidence is None else round(diagnosis.confidence, 6),
         "probabilities": diagnosis.probabilities, "model": model,
         "timing_ms": {k: round(v, 3) for k, v in timing_ms.items()},
         "device": device, "ts": now_iso(),
-    }).encode()
+    }
+    if explanation:
+        reply["explanation"] = explanation
+    return json.dumps(reply).encode()
 
 
 def error_reply(code: str, message: str, request_id: str | None, name: str | None, device: str) -> bytes:
@@ -199,6 +209,7 @@ def error_reply(code: str, message: str, request_id: str | None, name: str | Non
 
 SENSORS_MESSAGES = {"Positive": "Acute Lymphoblastic Leukemia detected!",
                     "Negative": "No Acute Lymphoblastic Leukemia detected"}
+MAX_REASON_CHARS = 26  # "Refused: " + reason keeps the Indeterminate record's hashed part within 72 bytes
 
 
 def sensors_record(diagnosis: Diagnosis, request_id: str) -> bytes:
@@ -206,7 +217,8 @@ def sensors_record(diagnosis: Diagnosis, request_id: str) -> bytes:
     and bcrypt reads at most 72 bytes, so those four stay within 72; `id` and `ts` are ignored by HIAS."""
     return json.dumps({
         "Type": "GeniSysAI", "Sensor": "ALL Classifier", "Value": diagnosis.label,
-        "Message": SENSORS_MESSAGES[diagnosis.label], "id": request_id, "ts": now_iso(),
+        "Message": SENSORS_MESSAGES.get(diagnosis.label) or f"Refused: {diagnosis.reason}"[:9 + MAX_REASON_CHARS],
+        "id": request_id, "ts": now_iso(),
     }).encode()
 
 

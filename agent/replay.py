@@ -56,6 +56,7 @@ class Report:
     metrics: dict = field(default_factory=dict)
     latency_ms: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
+    indeterminate: dict = field(default_factory=dict)  # reason -> count: refused, so not scored
 
     @property
     def missing(self) -> list[Item]:
@@ -68,7 +69,8 @@ class Report:
     def as_dict(self) -> dict:
         return {"images": len(self.items), "answered": len(self.items) - len(self.missing),
                 "missing": [i.id for i in self.missing], "duplicates": self.duplicates,
-                "errors": self.errors, "metrics": self.metrics, "latency_ms": self.latency_ms,
+                "errors": self.errors, "indeterminate": self.indeterminate, "metrics": self.metrics,
+                "latency_ms": self.latency_ms,
                 "results": [{"id": i.id, "path": str(i.path), "label": i.label, "sent_at": i.sent_at,
                              "latency_ms": i.latency_ms, "reply": i.reply} for i in self.items]}
 
@@ -158,10 +160,15 @@ def replay(session: MqttSession, topics: Topics, paths: list[Path], concurrency:
     return score(items)
 
 
+def decided(items: list[Item]) -> list[Item]:
+    """Labelled images answered Positive or Negative (Indeterminate answers are refusals, not decisions)."""
+    return [i for i in items if i.reply and i.reply.get("diagnosis") in ("Positive", "Negative") and i.label is not None]
+
+
 def score(items: list[Item]) -> Report:
-    """Metrics over the answered, labelled images; latency percentiles; error counts."""
+    """Metrics over the decided, labelled images; refusals by reason; latency percentiles; error counts."""
     report = Report(items)
-    labelled = [i for i in items if i.reply and "diagnosis" in i.reply and i.label is not None]
+    labelled = decided(items)
     if labelled:
         report.metrics = binary_metrics([i.label for i in labelled],
                                         [i.reply["diagnosis"] == "Positive" for i in labelled])
@@ -173,6 +180,9 @@ def score(items: list[Item]) -> Report:
         if i.reply and "error" in i.reply:
             code = i.reply["error"].get("code", "unknown")
             report.errors[code] = report.errors.get(code, 0) + 1
+        elif i.reply and i.reply.get("diagnosis") == "Indeterminate":
+            reason = str(i.reply.get("reason"))
+            report.indeterminate[reason] = report.indeterminate.get(reason, 0) + 1
     return report
 
 
@@ -183,13 +193,17 @@ def print_report(report: Report, per_image: bool = True) -> None:
             print(f"{i.path.name}: no answer")
         elif "error" in i.reply:
             print(f"{i.path.name}: error {i.reply['error'].get('code')}: {i.reply['error'].get('message')}")
+        elif i.reply["diagnosis"] == "Indeterminate":
+            print(f"{i.path.name}: Indeterminate ({i.reply.get('reason')})")
         elif i.label is None:
             print(f"{i.path.name}: {i.reply['diagnosis']} (no label)")
         else:
             print(f"{i.path.name}: {outcome(i.label, i.reply['diagnosis'] == 'Positive')}")
     answered = len(report.items) - len(report.missing)
+    refused = sum(report.indeterminate.values())
     print(f"images {len(report.items)} answered {answered} missing {len(report.missing)} "
-          f"duplicates {report.duplicates} errors {sum(report.errors.values())}")
+          f"duplicates {report.duplicates} errors {sum(report.errors.values())} indeterminate {refused}"
+          + (f" ({', '.join(f'{r} {n}' for r, n in sorted(report.indeterminate.items()))})" if refused else ""))
     if report.metrics:
         print(summary_line(report.metrics))
     if report.latency_ms:
@@ -207,13 +221,13 @@ def write_report_dir(report: Report, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
-    labelled = [i for i in report.items if i.reply and "diagnosis" in i.reply and i.label is not None]
+    labelled = decided(report.items)
     fig, ax = plt.subplots(figsize=(5, 4))
     if labelled:
         ConfusionMatrixDisplay.from_predictions(
             [i.label for i in labelled], [int(i.reply["diagnosis"] == "Positive") for i in labelled],
             labels=[0, 1], display_labels=["Benign", "ALL"], ax=ax, colorbar=False)
-    ax.set_title(f"Replay: {len(labelled)} labelled answers")
+    ax.set_title(f"Replay: {len(labelled)} labelled decisions ({sum(report.indeterminate.values())} indeterminate)")
     fig.savefig(out / "confusion_matrix.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))

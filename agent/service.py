@@ -8,6 +8,7 @@ message is acknowledged, so no message can stop the agent or come back to do it 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -26,8 +27,9 @@ from agent.metrics import Metrics
 from agent.models import ModelStore
 from agent.session import Inbound, MqttSession, publish_properties
 from agent.topics import Topics
-from model.classifier import Classifier, ModelError
-from model.preprocess import ImageError, ImageLimits, preprocess
+from model.classifier import Classifier, Diagnosis, ModelError
+from model.explain import explain
+from model.preprocess import ImageError, ImageLimits, jpeg_quality, preprocess, read_header
 
 log = logging.getLogger("allds.service")
 FAILED_BATCHES_ROLLBACK = 3
@@ -42,6 +44,7 @@ class Job:
     request: protocol.Request | None = None
     tensor: np.ndarray | None = None
     decode_ms: float = 0.0
+    jpeg_quality: int | None = None  # the gate refuses heavily compressed JPEGs, which the tensor cannot show
     respond: Callable[[dict], None] | None = None  # a local (HTTP) request: the answer goes here, not to MQTT
 
 
@@ -239,6 +242,7 @@ class ClassificationService:
                 raise protocol.RequestError("bad_response_topic", "the Response Topic must lie under one of "
                                             f"{', '.join(self.topics.reply_filters)} and name no device channel")
             job.tensor = preprocess(job.request.image, self.classifier.input_size, self._limits)
+            job.jpeg_quality = jpeg_quality(job.request.image)
             job.decode_ms = (time.perf_counter() - start) * 1000
             self._ready.put(job)
         except protocol.RequestError as exc:
@@ -306,21 +310,35 @@ class ClassificationService:
                 job.tensor = preprocess(job.request.image, clf.input_size, self._limits)
         start = time.perf_counter()
         self._inferring_since = time.monotonic()
-        probabilities = clf.classify(np.stack([job.tensor for job in batch]))
+        diagnoses = clf.assess(np.stack([job.tensor for job in batch]), [job.jpeg_quality for job in batch])
         self._inferring_since = None
         inference_ms = (time.perf_counter() - start) * 1000
         if self.metrics:
             self.metrics.batch(len(batch), inference_ms / 1000)
         model = {"name": clf.name, "version": clf.version, "sha256": clf.sha256}
-        for job, diagnosis in zip(batch, clf.diagnose(probabilities), strict=True):
+        for job, diagnosis in zip(batch, diagnoses, strict=True):
             self._reply(job, diagnosis, model, inference_ms, len(batch))
 
-    def _reply(self, job: Job, diagnosis, model: dict, inference_ms: float, batch_size: int) -> None:
+    def _explain(self, job: Job) -> dict:
+        """The heat map a request asked for, at the image's size (scaled to fit `explain_max_side`)."""
+        width, height, _ = read_header(job.request.image)
+        scale = min(1.0, self.config.inference.explain_max_side / max(width, height))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        self._inferring_since = time.monotonic()
+        try:
+            explanation = explain(self.classifier, job.tensor, size)
+        finally:
+            self._inferring_since = None
+        return {"method": explanation.method, "png": base64.b64encode(explanation.png).decode(), "size": list(size),
+                "ms": round(explanation.ms, 3)}
+
+    def _reply(self, job: Job, diagnosis: Diagnosis, model: dict, inference_ms: float, batch_size: int) -> None:
         req = job.request
+        explanation = self._explain(job) if req.explain else None
         total_ms = (time.perf_counter() - job.received) * 1000
         body = protocol.diagnosis_reply(req, diagnosis, model,
                                         {"decode": job.decode_ms, "inference": inference_ms, "total": total_ms},
-                                        self.config.hias.name)
+                                        self.config.hias.name, explanation)
         if job.respond:
             job.respond(json.loads(body))
             self._finish(job)
@@ -334,8 +352,9 @@ class ClassificationService:
         self.counters.add("diagnoses")
         if self.metrics:
             self.metrics.answered(diagnosis.label, total_ms / 1000, job.decode_ms / 1000)
-        log.info("request id=%s name=%s diagnosis=%s confidence=%.4f batch=%d decode_ms=%.1f inference_ms=%.1f "
-                 "total_ms=%.1f", req.id, req.name, diagnosis.label, diagnosis.confidence, batch_size, job.decode_ms,
+        log.info("request id=%s name=%s diagnosis=%s reason=%s confidence=%s batch=%d decode_ms=%.1f inference_ms=%.1f "
+                 "total_ms=%.1f", req.id, req.name, diagnosis.label, diagnosis.reason,
+                 "-" if diagnosis.confidence is None else f"{diagnosis.confidence:.4f}", batch_size, job.decode_ms,
                  inference_ms, total_ms)
 
     def _replied(self, job: Job, topic: str, refusal: str | None) -> None:

@@ -154,16 +154,6 @@ class Classifier:
         """P(ALL) per row: one minus the probability of the benign class."""
         return 1.0 - probabilities[:, self.classes.index("Benign")]
 
-    def diagnose(self, probabilities: np.ndarray) -> list[Diagnosis]:
-        """Plain threshold decisions without gate, calibration or band (the agent's path before
-        `assess`; to be removed once the service calls `assess`)."""
-        results = []
-        for row, p in zip(probabilities, self.p_all(probabilities), strict=True):
-            positive = bool(p >= self.threshold)
-            results.append(Diagnosis("Positive" if positive else "Negative", None, float(p if positive else 1.0 - p),
-                                     float(p), _rounded(self.classes, row)))
-        return results
-
     def assess(self, batch: np.ndarray, jpeg_quality: Sequence[int | None] | None = None) -> list[Diagnosis]:
         """The served answers for a batch of preprocessed images: one invocation, then gate,
         calibration and the indeterminate band (see `model.policy.DecisionPolicy`).

@@ -135,7 +135,8 @@ def test_replay_report_files(broker, client, start_agent, data_root, tmp_path):
                              "--report-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["answered"] == 10 and report["metrics"]["tp"] + report["metrics"]["fn"] == 5
+    refused = sum(1 for r in report["results"] if r["label"] == 1 and r["reply"]["diagnosis"] == "Indeterminate")
+    assert report["answered"] == 10 and report["metrics"]["tp"] + report["metrics"]["fn"] + refused == 5
     for name, (width, height) in (("confusion_matrix.png", (300, 250)), ("latency_histogram.png", (400, 250))):
         image = cv2.imread(str(out / name))
         assert image is not None and image.shape[1] >= width and image.shape[0] >= height, name
