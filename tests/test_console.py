@@ -191,6 +191,7 @@ def result_card(driver, name: str, states=("answered",), timeout: float = 30) ->
       const field = f => { const e = card.querySelector(`[data-field="${f}"]`); return e ? e.textContent : null; };
       const reason = card.querySelector('.reason'), heat = card.querySelector('.heat');
       return {state: card.dataset.state, result: field('result'), confidence: field('confidence'), device: field('device'),
+              p_all: field('p-all'),
               model: field('model'), explanation: field('explanation'), stateText: card.querySelector('.state').textContent,
               reason: reason.hidden ? null : reason.dataset.reason, reasonText: reason.hidden ? null : reason.textContent,
               heatShown: !heat.hidden && heat.complete && heat.naturalWidth > 0, heatWidth: heat.naturalWidth,
@@ -251,6 +252,7 @@ def test_dropped_images_show_the_agents_answers(site, browser, screens):
         card = result_card(browser, path.name)
         assert card["result"] == answer["diagnosis"]
         assert card["confidence"] == percent(answer["confidence"])
+        assert card["p_all"] == percent(1 - answer["probabilities"]["Benign"])
         assert card["device"] == answer["device"]
         assert card["model"] == f"{answer['model']['name']} {answer['model']['version']}"
     assert [c["name"] for c in browser.execute_script(

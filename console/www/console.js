@@ -437,7 +437,7 @@
     const counts = { Positive: 0, Negative: 0, Indeterminate: 0, Error: 0 };
     for (const r of shown) if (r.result in counts) counts[r.result] += 1;
     const filtered = shown.length !== state.rows.length ? ` (of ${state.rows.length})` : "";
-    $("#diagnosis-counts").innerHTML = `<span class="n" data-count="total">${shown.length}</span> answers${filtered}: ` +
+    $("#diagnosis-counts").innerHTML = `<span class="n" data-count="total">${shown.length}</span> ${shown.length === 1 ? "answer" : "answers"}${filtered}: ` +
       Object.entries(counts).map(([k, n]) => `<span class="n" data-count="${k}">${n}</span> ${k === "Error" ? "errors" : k}`).join(" · ");
     $("#count-diagnoses").textContent = state.rows.length ? `(${state.rows.length})` : "";
     $("#diagnoses tbody").innerHTML = shown.slice(0, SHOWN_ROWS).map((r) =>
@@ -622,7 +622,9 @@
       reasonEl.textContent = result === "Error" ? detail || reason : `Reason: ${reasonText(reason) || "not given"}`;
     }
     const model = doc.model || {};
-    const allP = doc.probabilities && typeof doc.probabilities.ALL === "number" ? doc.probabilities.ALL : null;
+    // P(ALL) as the agent defines it (docs/protocol.md): 1 − P(Benign); int8 outputs need not sum to exactly 1.
+    const probs = doc.probabilities || {};
+    const allP = typeof probs.Benign === "number" ? 1 - probs.Benign : typeof probs.ALL === "number" ? probs.ALL : null;
     const rows = [];
     if (result !== "Error") rows.push(["Confidence", percent(doc.confidence), "confidence"]);
     if (allP !== null) rows.push(["P(ALL)", percent(allP), "p-all"]);
