@@ -227,6 +227,8 @@ def test_page_served_by_the_broker_shows_the_device_online(site, browser, screen
     assert model["version"] in text(browser, card)
     assert attr(browser, "#conn-warning", "hidden") is not None  # no subscription refused by the shipped ACL
     assert text(browser, "#count-devices") == "(1/1 online)"
+    if f"{BASE}/ModelState" in (REPO / "deploy/mosquitto/acl").read_text():  # the retained ModelState, where readable
+        wait(browser, lambda d: text(d, f"{card} [data-field=model-state]") == "active", 10, "ModelState active")
     # Keyboard: the tabs follow the arrow keys.
     from selenium.webdriver.common.keys import Keys
 
@@ -245,6 +247,10 @@ def test_dropped_images_show_the_agents_answers(site, browser, screens):
     picked = [next(p for p in images if p.parent.name == "Benign"), next(p for p in images if p.parent.name != "Benign")]
     open_tab(browser, "classify")
     assert "ONLINE" in text(browser, "#target-state")
+    from selenium.webdriver.common.keys import Keys
+
+    browser.find_element("id", "clear-results").send_keys(Keys.TAB)  # the file chooser is reachable by keyboard
+    assert browser.switch_to.active_element.get_attribute("id") == "files"
     drop_files(browser, picked)
     for path in picked:
         answer = site.answer_for(path.name)
