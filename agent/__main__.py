@@ -12,13 +12,15 @@ import threading
 import time
 
 from agent.config import ConfigError, load
+from agent.diagnosis_ui import DiagnosisServer
 from agent.metrics import Metrics
+from agent.models import ModelStore
 from agent.protocol import now_iso
 from agent.service import ClassificationService
 from agent.session import MqttSession, Will
 from agent.telemetry import LifeReporter
 from agent.topics import Topics
-from model.classifier import Classifier, ModelError, artifact_path
+from model.classifier import ModelError
 
 log = logging.getLogger("allds.agent")
 DRAIN_TIMEOUT_S = 2.5  # with the last OFFLINE and the DISCONNECT, SIGTERM is honoured within 5 s
@@ -59,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.logging.level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        classifier = Classifier.load(artifact_path(config.model_dir, config.model.name, config.model.variant),
-                                     config.model.threads)
+        store = ModelStore(config)
+        classifier = store.start()
     except (OSError, ModelError) as exc:
         print(f"model error: {config.model.name}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     session = MqttSession(config.broker, config.client_id, password,
                           will=Will(topics.status, "OFFLINE", (("reason", "connection lost"),)),
                           receive_maximum=config.inference.max_inflight,
-                          max_packet_bytes=config.inference.max_payload_bytes,
+                          max_packet_bytes=max(config.inference.max_payload_bytes,
+                                               config.model.max_bundle_bytes if config.model.trusted_keys else 0),
                           outbox_size=config.telemetry.outbox_size)
     metrics = None
     if config.metrics.port:
@@ -81,7 +84,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: metrics.port: cannot listen on {config.metrics.bind}:{config.metrics.port} "
                   f"({exc.strerror})", file=sys.stderr)
             return EXIT_CONFIG
-    service = ClassificationService(config, session, classifier, topics, metrics)
+    service = ClassificationService(config, session, classifier, store, topics, metrics)
+    http = None
+    if config.http.port:
+        try:
+            http = DiagnosisServer(config.http, service)
+        except OSError as exc:
+            print(f"config error: http.port: cannot listen on {config.http.bind}:{config.http.port} ({exc.strerror})",
+                  file=sys.stderr)
+            return EXIT_CONFIG
     started = time.monotonic()
 
     def agent_fields() -> dict:
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 "stale_acks": session.stale_acks}
 
     life = LifeReporter(config.telemetry, lambda body: session.publish(topics.life, body, droppable=True),
-                        agent_fields)
+                        agent_fields, numeric_temperature=config.hias.dialect == "hias3")
     service.on_life_command = life.trigger
 
     def announce(resumed: bool) -> None:
@@ -109,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting: model %s %s (%s), base topic %s, broker %s:%s", classifier.name, classifier.version,
              classifier.path.name, topics.base, config.broker.host, config.broker.port)
     session.start()
+    if http:
+        http.start()
     sd_notify("READY=1")  # serving runs; the connection comes and goes and is the watchdog's business
     beat = watchdog_interval()
     reported: set[str] = set()
@@ -127,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         life.stop()
         session.stop()
         return EXIT_CONFIG
+    if http:
+        http.stop()
     log.info("stopping: finishing %d open requests", service.open_requests)
     sd_notify("STOPPING=1")
     connected = session.connected.is_set()

@@ -26,7 +26,7 @@ class ConfigError(Exception):
     """A config problem, reported as one line naming the key."""
 
 
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")  # a folder of model.dir, e.g. cellnet@2026-12-01-1a2b3c4d5e6f
 TOPIC_LEVEL = re.compile(r"[^/#+$\x00][^/#+\x00]*")  # one topic level: no separator, wildcard, `$` start or NUL
 MAX_MQTT_PACKET = 268_435_455
 
@@ -56,8 +56,15 @@ class Hias:
     zone: str = topic_id("allds-zone", "HIAS zone id.")
     device: str = topic_id("allds-device", "HIAS device id.")
     name: str = topic_id("allds-agent", "Device name; the default MQTT client id (unique per agent).")
-    topic_root: str = key("Devices", "`Devices` for HIAS 1.x/2.x, `Agents` for HIAS 3.",
-                          choices=("Devices", "Agents"))
+    topic_root: str = key("Devices", "`Devices` for HIAS 1.x/2.x, `Agents` for HIAS 3 (its AI agents are entities "
+                                     "of type `Agent`).", choices=("Devices", "Agents"))
+    dialect: str = key("hias2", "`hias2`: today's topics and payloads. `hias3`: also a `Classification` record per "
+                                "diagnosis and per model change (as HIAS 3's IoT agent parses it), commands also "
+                                "taken from `{location}/Devices/{zone}/{device}/Commands` (where HIAS 3 forwards "
+                                "them), and a number for an unknown `Temperature` in Life (HIAS 3 fails on null).",
+                       choices=("hias2", "hias3"))
+    model_name: str | None = key(None, "HIAS 3: the model's name in HIAS (`Model` of each Classification record; it "
+                                       "must match HIAS's model exactly); default: the serving model's name.")
 
 
 @dataclass
@@ -105,6 +112,18 @@ class Model:
     variant: str = key("int8", "Artifact of the model card served: LiteRT `int8` or `float32`, or `keras` (TensorFlow).",
                        choices=("int8", "float32", "keras"))
     threads: int = key(2, "LiteRT (XNNPACK) threads.", minimum=1, maximum=64)
+    state_file: str | None = key(None, "File where the agent remembers which model serves (after a Reload, a delivery or "
+                                       "a Rollback) and which one served before, so a restart serves the last active "
+                                       "model; none = always start with `name`.")
+    trusted_keys: list[str] = key([], "Ed25519 public keys (`signing.pub` of `python -m model keygen`) whose signed "
+                                      "bundles the agent accepts on `{base}/Model` (and `fleet_topic`); empty = "
+                                      "delivery over the broker off. Accepted models are installed into `dir`.")
+    max_bundle_bytes: int = key(10 * 1024 * 1024, "Largest model bundle accepted.", minimum=1024,
+                                maximum=MAX_MQTT_PACKET - 65536)
+    fleet_topic: str | None = key(None, "A topic every agent of a fleet also takes bundles from (one publish updates "
+                                        "them all), e.g. `{location}/Devices/{zone}/Fleet/Models` (five levels: "
+                                        "HIAS 3's IoT agent fails on four).",
+                                  pattern=re.compile(r"[^#+$\x00][^#+\x00]*"), pattern_doc="a topic name, no wildcards")
 
 
 @dataclass
@@ -142,6 +161,23 @@ class Telemetry:
 
 
 @dataclass
+class Http:
+    """HIAS's Diagnosis page: `POST /Inference` (multipart field `file`, or the raw image) answered
+    `{"Response", "Message", "Diagnosis", "Confidence"}` through the same pipeline as MQTT requests.
+    HIAS reaches it through its NGINX, which checks the user's credentials; the agent answers only
+    the addresses in `allowed_clients` (HIAS's server)."""
+
+    port: int = key(0, "Port of the listener; 0 = off.", minimum=0, maximum=65535)
+    bind: str = key("127.0.0.1", "Address it listens on (the agent's LAN address when HIAS's NGINX is on another host).")
+    allowed_clients: list[str] = key(["127.0.0.1/32", "::1/128"], "Networks allowed to connect (HIAS's NGINX), "
+                                     "as addresses or CIDR blocks; others get 403.")
+    max_body_bytes: int = key(10 * 1024 * 1024 + 64 * 1024, "Largest request body; larger ones get 413 unread.",
+                              minimum=1024, maximum=MAX_MQTT_PACKET)
+    max_concurrent: int = key(4, "Requests handled at once; more get 503.", minimum=1, maximum=64)
+    timeout_s: float = key(25.0, "Longest wait for an answer (HIAS gives up after 30 s).", minimum=1, maximum=300)
+
+
+@dataclass
 class Metrics:
     """Prometheus metrics at `http://{bind}:{port}/metrics`."""
 
@@ -175,6 +211,7 @@ class Config:
     telemetry: Telemetry = key(Telemetry(), "")
     watchdog: Watchdog = key(Watchdog(), "")
     metrics: Metrics = key(Metrics(), "")
+    http: Http = key(Http(), "")
     logging: Logging = key(Logging(), "")
 
     @property
@@ -289,6 +326,13 @@ def parse(raw: dict | None) -> Config:
         raise ConfigError("broker.password_file: set together with broker.password_env; choose one")
     if config.inference.shared_group and broker.protocol != "5":
         raise ConfigError("inference.shared_group: shared subscriptions need broker.protocol 5")
+    for n, network in enumerate(config.http.allowed_clients):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"http.allowed_clients[{n}]: not an address or CIDR block: {network!r}") from None
+    if config.model.trusted_keys and not config.model.state_file:
+        raise ConfigError("model.state_file: needed with model.trusted_keys, so a delivered model survives a restart")
     if broker.reconnect_max_s < broker.reconnect_min_s:
         raise ConfigError("broker.reconnect_max_s: must be at least broker.reconnect_min_s")
     return config

@@ -56,6 +56,7 @@ class Command:
     type: str
     value: str | None
     sender: str | None
+    to: str | None = None  # HIAS 3 names the device a command is for
 
 
 def correlation_id(correlation: bytes) -> str:
@@ -160,12 +161,14 @@ def parse_command(payload: bytes) -> Command:
     doc = parse_json(payload.removeprefix(BOM), "the command")
     if not isinstance(doc, dict):
         raise ValueError("a command must be a JSON object")
-    kind, value, sender = doc.get("Type"), doc.get("Value"), doc.get("From")
+    kind, value, sender, to = doc.get("Type"), doc.get("Value"), doc.get("From"), doc.get("To")
     if not isinstance(kind, str):
         raise ValueError("\"Type\" must be a string")
     if value is not None and not isinstance(value, str):
         raise ValueError("\"Value\" must be a string when given")
-    return Command(kind[:64], value or None, sender[:MAX_NAME_CHARS] if isinstance(sender, str) else None)
+    if to is not None and not isinstance(to, str):
+        raise ValueError("\"To\" must be a string when given")
+    return Command(kind[:64], value or None, sender[:MAX_NAME_CHARS] if isinstance(sender, str) else None, to)
 
 
 def _short(value):

@@ -8,6 +8,8 @@ message is acknowledged, so no message can stop the agent or come back to do it 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import threading
@@ -21,12 +23,14 @@ import numpy as np
 from agent import protocol
 from agent.config import MODEL_NAME, Config
 from agent.metrics import Metrics
+from agent.models import ModelStore
 from agent.session import Inbound, MqttSession, publish_properties
 from agent.topics import Topics
-from model.classifier import Classifier, ModelError, artifact_path
+from model.classifier import Classifier, ModelError
 from model.preprocess import ImageError, ImageLimits, preprocess
 
 log = logging.getLogger("allds.service")
+FAILED_BATCHES_ROLLBACK = 3
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Job:
     request: protocol.Request | None = None
     tensor: np.ndarray | None = None
     decode_ms: float = 0.0
+    respond: Callable[[dict], None] | None = None  # a local (HTTP) request: the answer goes here, not to MQTT
 
 
 @dataclass
@@ -58,20 +63,22 @@ class Counters:
 class ClassificationService:
     """Serves `Inference` requests and HIAS `Commands` for one device."""
 
-    def __init__(self, config: Config, session: MqttSession, classifier: Classifier, topics: Topics,
+    def __init__(self, config: Config, session: MqttSession, classifier: Classifier, store: ModelStore, topics: Topics,
                  metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.session = session
         self.classifier = classifier
+        self.store = store
         self.topics = topics
         self.counters = Counters()
         self.on_life_command: Callable[[], None] = lambda: None
         inf = config.inference
         self._limits = ImageLimits(inf.max_pixels, inf.min_side_px, inf.max_aspect_ratio)
         self._decoder = ThreadPoolExecutor(inf.decode_workers, thread_name_prefix="decode")
-        self._reloader = ThreadPoolExecutor(1, thread_name_prefix="reload")
-        self._reloading = threading.Lock()
+        self._models = ThreadPoolExecutor(1, thread_name_prefix="models")  # model changes, one at a time
+        self._model_jobs = 0
+        self._failed_batches = 0
         self._ready: queue.Queue[Job] = queue.Queue()
         self._lock = threading.Lock()
         self._open = 0  # accepted and not yet acknowledged
@@ -86,7 +93,12 @@ class ClassificationService:
     def start(self) -> None:
         """Register the subscriptions and start the inference thread (before the session starts)."""
         self.session.subscribe(self.topics.request, self._on_request, self.config.inference.shared_group)
-        self.session.subscribe(self.topics.commands, self._on_command)
+        for topic in (self.topics.commands, *self.topics.extra_commands):
+            self.session.subscribe(topic, self._on_command)
+        if self.config.model.trusted_keys:
+            for topic in (f"{self.topics.base}/Model", self.config.model.fleet_topic):
+                if topic:
+                    self.session.subscribe(topic, self._on_bundle)
         self.session.on_connected(lambda resumed: None if resumed else self.publish_model_state())
         self._worker.start()
 
@@ -122,24 +134,83 @@ class ClassificationService:
         self._stopped.set()
         self._worker.join(max(0.0, deadline - time.monotonic()))
         self._decoder.shutdown(wait=False, cancel_futures=True)
-        self._reloader.shutdown(wait=False, cancel_futures=True)
+        self._models.shutdown(wait=False, cancel_futures=True)
         return self.open_requests == 0
 
     # ---- models ------------------------------------------------------------------------
-    def reload(self, name: str) -> Classifier:
-        """Load model `name` of `model.dir` (verified: sha256 against its card, one probe invocation) and
-        serve it from the next batch on. On any failure the serving model stays and `ModelError` says why."""
-        if not MODEL_NAME.fullmatch(name):
-            raise ModelError("the value is not a model name (letters, digits, '.', '_', '-'; no path)")
-        model = self.config.model
-        new = Classifier.load(artifact_path(self.config.model_dir, name, model.variant), model.threads)
+    def publish_model_state(self, state: str = "active", model: dict | None = None, reason: str | None = None) -> None:
+        """The retained `ModelState` record (on every connect, and on every step of every model change)."""
+        model = model or self.model
+        self.session.publish(self.topics.model_state, protocol.model_state(state, model, reason, self.model), retain=True)
+        if self.config.hias.dialect == "hias3":
+            self._classification({"State": state}, f"{model.get('name')} {model.get('version')} {state}"
+                                                   + (f": {reason}" if reason else ""))
+
+    def _classification(self, fields: dict, message: str) -> None:
+        """HIAS 3's `Classification` record: `Model` as HIAS names it, a `State` or a `Type` + `Value`, `Message`."""
+        record = {"Model": self.config.hias.model_name or self.classifier.name, **fields, "Message": message[:200]}
+        self.session.publish(self.topics.classification, json.dumps(record))
+
+    def submit_local(self, image: bytes, name: str | None, respond: Callable[[dict], None]) -> bool:
+        """Serve an image that came another way than MQTT (HIAS's Diagnosis page over HTTP) through the
+        same pipeline; `respond` gets the answer JSON. False when the agent is stopping."""
+        if not self._accepting.is_set():
+            return False
+        properties = publish_properties(user=[("name", name)]) if name else None
+        job = Job(Inbound("http", image, properties, 0, 0, False, 0), time.perf_counter(), respond=respond)
+        with self._lock:
+            self._open += 1
+            self._decoding += 1
+        try:
+            self._decoder.submit(self._decode, job)
+        except RuntimeError:
+            with self._lock:
+                self._open -= 1
+                self._decoding -= 1
+            return False
+        return True
+
+    def _serve(self, name: str, state: str, origin: str, new: Classifier | None = None,
+               bundle: str | None = None) -> Classifier:
+        """Serve model `name` of `model.dir` (verified here unless `new` is its verified classifier) from the
+        next batch on; `ModelError` leaves the serving model in place."""
+        new = new or self.store.load(name)
+        old = self.classifier
         self.classifier = new
+        self.store.activate(name)
+        self._failed_batches = 0
+        log.info("model %s: %s %s (%s) sha256 %s, was %s %s; %s", state, new.name, new.version, name, new.sha256[:12],
+                 old.name, old.sha256[:12], origin)
+        self.publish_model_state(state, {**self.model, "bundle": bundle} if bundle else None)
         return new
 
-    def publish_model_state(self, state: str = "active", model: dict | None = None, reason: str | None = None) -> None:
-        """The retained `ModelState` record (on every connect, and on every model change)."""
-        self.session.publish(self.topics.model_state, protocol.model_state(state, model or self.model, reason, self.model),
-                             retain=True)
+    def _model_failing(self, whole_batch_failed: bool) -> None:
+        """A model that fails whole batches again and again is replaced by the one that served before it."""
+        self._failed_batches = self._failed_batches + 1 if whole_batch_failed else 0
+        if self._failed_batches == FAILED_BATCHES_ROLLBACK and self.store.served.previous:
+            log.error("the serving model failed %d batches in a row; rolling back to %s", self._failed_batches,
+                      self.store.served.previous)
+            self._submit_model_job(self._serve, self.store.served.previous, "rolled_back",
+                                   f"{self._failed_batches} failed batches in a row")
+
+    def _submit_model_job(self, job, *args) -> bool:
+        """Queue a model change; False when one is already queued or running (commands are refused then)."""
+        with self._lock:
+            if self._model_jobs:
+                return False
+            self._model_jobs += 1
+
+        def run() -> None:
+            try:
+                job(*args)
+            except Exception:  # noqa: BLE001 - a model change must never stop the agent
+                log.exception("model change failed")
+            finally:
+                with self._lock:
+                    self._model_jobs -= 1
+
+        self._models.submit(run)
+        return True
 
     # ---- requests ----------------------------------------------------------------------
     def _on_request(self, message: Inbound) -> None:
@@ -214,13 +285,17 @@ class ClassificationService:
                 continue
             try:
                 self._classify(batch)
+                self._failed_batches = 0
             except Exception:  # noqa: BLE001 - one poisoned image must not fail the others of its batch
                 log.exception("inference failed for a batch of %d; classifying each alone", len(batch))
+                failed = 0
                 for job in batch:
                     try:
                         self._classify([job])
                     except Exception as exc:  # noqa: BLE001 - answer it, keep serving
+                        failed += 1
                         self._reply_error(job, "internal_error", f"{type(exc).__name__}: {exc}")
+                self._model_failing(failed == len(batch))
             finally:
                 self._inferring_since = None
 
@@ -246,10 +321,16 @@ class ClassificationService:
         body = protocol.diagnosis_reply(req, diagnosis, model,
                                         {"decode": job.decode_ms, "inference": inference_ms, "total": total_ms},
                                         self.config.hias.name)
-        topic = protocol.reply_route(job.message.properties)[0] or self.topics.diagnosis
-        self.session.publish(topic, body, properties=publish_properties(correlation=req.correlation),
-                             on_acked=lambda refusal: self._replied(job, topic, refusal))
+        if job.respond:
+            job.respond(json.loads(body))
+            self._finish(job)
+        else:
+            topic = protocol.reply_route(job.message.properties)[0] or self.topics.diagnosis
+            self.session.publish(topic, body, properties=publish_properties(correlation=req.correlation),
+                                 on_acked=lambda refusal: self._replied(job, topic, refusal))
         self.session.publish(self.topics.sensors, protocol.sensors_record(diagnosis, req.id))
+        if self.config.hias.dialect == "hias3":
+            self._classification({"Type": "Diagnosis", "Value": diagnosis.label}, f"{req.name or req.id}: {diagnosis.label}")
         self.counters.add("diagnoses")
         if self.metrics:
             self.metrics.answered(diagnosis.label, total_ms / 1000, job.decode_ms / 1000)
@@ -271,6 +352,11 @@ class ClassificationService:
             request_id, name = job.request.id, job.request.name
         if self.metrics:
             self.metrics.answered(code, time.perf_counter() - job.received)
+        if job.respond:
+            job.respond(json.loads(protocol.error_reply(code, message, request_id, name, self.config.hias.name)))
+            self.counters.add("errors")
+            self._finish(job)
+            return
         self._send_error(job.message, code, message, request_id, name, on_acked=lambda _: self._finish(job),
                          to_default=to_default or code == "bad_response_topic")
 
@@ -293,7 +379,7 @@ class ClassificationService:
 
     # ---- commands ----------------------------------------------------------------------
     def _on_command(self, message: Inbound) -> None:
-        """Network thread: commands are rare; the slow one (Reload) runs on the one reload thread."""
+        """Network thread: commands are rare; model changes (Reload, Rollback) run on the one model thread."""
         self.counters.add("commands")
         try:
             command = protocol.parse_command(message.payload)
@@ -305,39 +391,81 @@ class ClassificationService:
         if message.retain:
             self._command_error(message, "retained commands are not executed (clear it: mosquitto_pub -r -n -t "
                                          f"{message.topic})")
+        elif command.to is not None and command.to != self.config.hias.device:
+            self._command_error(message, f"the command is addressed To {command.to[:80]!r}, not to this device")
         elif command.type == "Life":
             self.on_life_command()
             self.session.ack(message)
-        elif command.type == "Reload":
-            if not self._reloading.acquire(blocking=False):
-                self._command_error(message, "a reload is already running")
-                return
-            self._reloader.submit(self._reload_command, message, command)
+        elif command.type in ("Reload", "Rollback"):
+            if not self._submit_model_job(self._reload_command, message, command):
+                self._command_error(message, "a model change is already running")
         else:
-            self._command_error(message, f"unknown command Type {command.type!r} (supported: Life, Reload)")
+            self._command_error(message, f"unknown command Type {command.type!r} (supported: Life, Reload, Rollback)")
 
     def _reload_command(self, message: Inbound, command: protocol.Command) -> None:
         name = command.value or self.config.model.name
         shown = repr(name) if MODEL_NAME.fullmatch(name) else "the requested model"
         try:
-            new = self.reload(name)
-        except ModelError as exc:
+            if command.type == "Rollback":
+                name = shown = self.store.rollback_target()
+                self._serve(name, "rolled_back", f"Rollback from {command.sender}")
+            else:
+                self._serve(name, "active", f"Reload from {command.sender}")
+        except (OSError, ModelError) as exc:
             log.error("model change refused: %s (From=%s); still serving %s %s", exc, command.sender,
                       self.classifier.name, self.classifier.sha256[:12])
             if MODEL_NAME.fullmatch(name) and "unknown model" not in str(exc):
                 self.publish_model_state("failed", {"name": name, "version": None, "sha256": None}, str(exc))
-            self._command_error(message, f"reload of {shown} failed, still serving {self.classifier.name}: {exc}")
-        except Exception as exc:  # noqa: BLE001 - a reload must never stop the agent
-            log.exception("reload of %r failed", name)
-            self._command_error(message, f"reload of {shown} failed, still serving {self.classifier.name}: "
-                                         f"{type(exc).__name__}")
+            self._command_error(message, f"{command.type.lower()} to {shown} failed, still serving "
+                                         f"{self.classifier.name}: {exc}")
         else:
-            log.info("model reloaded: %s %s (%s) sha256 %s (From=%s)", new.name, new.version, new.path.name,
-                     new.sha256[:12], command.sender)
-            self.publish_model_state()
             self.session.ack(message)
-        finally:
-            self._reloading.release()
+
+    def _on_bundle(self, message: Inbound) -> None:
+        """Network thread: a signed model bundle; checked and installed on the model thread."""
+        if not message.payload:  # a retained bundle being cleared
+            self.session.ack(message)
+            return
+        with self._lock:
+            self._model_jobs += 1  # bundles queue behind each other; commands wait for them
+
+        def run() -> None:
+            try:
+                self._deliver(message)
+            except Exception:  # noqa: BLE001 - a bundle must never stop the agent
+                log.exception("model delivery failed")
+            finally:
+                self.session.ack(message)
+                with self._lock:
+                    self._model_jobs -= 1
+
+        self._models.submit(run)
+
+    def _deliver(self, message: Inbound) -> None:
+        """received -> verified -> active, each step published retained; any failure: `failed` with the
+        reason, and the serving model stays."""
+        digest = hashlib.sha256(message.payload).hexdigest()
+        if self.store.seen(digest):
+            log.info("bundle %s on %s handled before; ignored", digest[:12], message.topic)
+            return
+        self.store.remember(digest)
+        model = {"name": None, "version": None, "sha256": None, "bundle": digest}
+        log.info("bundle %s received on %s (%d bytes)", digest[:12], message.topic, len(message.payload))
+        self.publish_model_state("received", model)
+        try:
+            bundle = self.store.verify(message.payload)
+            model.update(name=bundle.name, version=bundle.version,
+                         sha256=bundle.card["artifacts"][self.config.model.variant]["sha256"])
+            self.publish_model_state("verified", model)
+            name, candidate, worst = self.store.install(bundle)
+        except (OSError, ValueError) as exc:  # BundleError and ModelError are ValueErrors
+            log.error("bundle %s refused: %s; still serving %s %s", digest[:12], exc, self.classifier.name,
+                      self.classifier.sha256[:12])
+            self.publish_model_state("failed", model, str(exc))
+            return
+        log.info("bundle %s: %s %s verified (key %s), canary within %.4f", digest[:12], bundle.name, bundle.version,
+                 bundle.key.name, worst)
+        self._serve(name, "active", f"bundle {digest[:12]} signed by {bundle.key}", candidate, digest)
 
     def _command_error(self, message: Inbound, text: str) -> None:
         self._send_error(message, "bad_command", text, None, None, on_acked=lambda _: self.session.ack(message))

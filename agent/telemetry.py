@@ -32,26 +32,33 @@ def temperature() -> float | None:
     return None
 
 
-def life_payload(settings: Telemetry, agent_fields: dict) -> bytes:
+def life_payload(settings: Telemetry, agent_fields: dict, numeric_temperature: bool = False) -> bytes:
     """The Life JSON: HIAS's numeric fields, when it was measured (`ts`; a queued Life may arrive late)
-    and an `Agent` object of our own."""
-    return json.dumps({
+    and an `Agent` object of our own. Without a temperature sensor `Temperature` is null, or, where
+    the reader needs a number (HIAS 3), 0 with `TemperatureMeasured: false`."""
+    reading = temperature()
+    life = {
         "CPU": psutil.cpu_percent(interval=None),
         "Memory": psutil.virtual_memory().percent,
         "Diskspace": psutil.disk_usage("/").percent,
-        "Temperature": temperature(),
+        "Temperature": 0.0 if reading is None and numeric_temperature else reading,
         "Latitude": float(settings.latitude),
         "Longitude": float(settings.longitude),
         "Agent": agent_fields,
         "ts": now_iso(),
-    }).encode()
+    }
+    if reading is None and numeric_temperature:
+        life["TemperatureMeasured"] = False
+    return json.dumps(life).encode()
 
 
 class LifeReporter:
     """Publishes Life every interval and on demand; an error is logged and the loop goes on."""
 
-    def __init__(self, settings: Telemetry, publish: Callable[[bytes], None], agent_fields: Callable[[], dict]) -> None:
+    def __init__(self, settings: Telemetry, publish: Callable[[bytes], None], agent_fields: Callable[[], dict],
+                 numeric_temperature: bool = False) -> None:
         self.settings = settings
+        self.numeric_temperature = numeric_temperature
         self._publish = publish
         self._agent_fields = agent_fields
         self._wake = threading.Event()
@@ -80,7 +87,7 @@ class LifeReporter:
                 return
             try:
                 self._last_sent = time.monotonic()
-                self._publish(life_payload(self.settings, self._agent_fields()))
+                self._publish(life_payload(self.settings, self._agent_fields(), self.numeric_temperature))
             except Exception:  # noqa: BLE001 - one failure must not end telemetry for good
                 log.exception("Life publish failed (%s); next in %.0f s",
                               "on demand" if triggered else "periodic", self.settings.life_interval_s)

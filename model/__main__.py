@@ -1,15 +1,16 @@
-"""`python -m model {split,train,evaluate,classify,baseline}`."""
+"""`python -m model {split,train,evaluate,classify,baseline,results,keygen,bundle,verify-bundle,hias-entity}`."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
 from pathlib import Path
 
 from model import data
-from model.classifier import CARD_NAME, DEFAULT_ARTIFACT
+from model.classifier import CARD_NAME, DEFAULT_ARTIFACT, read_card
 
 
 def _artifact_dir(path: str | None) -> Path:
@@ -125,6 +126,41 @@ def results_table(cards: list[Path]) -> str:
     return "\n".join(rows)
 
 
+def cmd_keygen(args: argparse.Namespace) -> None:
+    from model.bundle import key_id, keygen, load_public_key
+
+    key, pub = keygen(Path(args.out))
+    print(f"private key {key} (keep it off the devices), public key {pub}, key id {key_id(load_public_key(pub))}")
+
+
+def cmd_bundle(args: argparse.Namespace) -> None:
+    from model.bundle import build_bundle, load_private_key, make_canary
+
+    folder = _artifact_dir(args.artifact)
+    canary = make_canary(folder, data.data_root(args.data), args.canary)
+    content = build_bundle(folder, load_private_key(Path(args.key)), canary, tuple(args.variants))
+    Path(args.out).write_bytes(content)
+    print(f"{args.out}: {len(content)} bytes, sha256 {hashlib.sha256(content).hexdigest()}")
+
+
+def cmd_verify_bundle(args: argparse.Namespace) -> None:
+    from model.bundle import verify_bundle
+
+    bundle = verify_bundle(Path(args.file).read_bytes(), [Path(k) for k in args.trusted], args.max_bytes)
+    print(json.dumps({"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256, "key": str(bundle.key),
+                      "folder": bundle.folder_name, "members": bundle.manifest["members"],
+                      "canary": bundle.manifest["canary"]["images"]}, indent=2))
+
+
+def cmd_hias_entity(args: argparse.Namespace) -> None:
+    from model.hias import model_entity
+
+    if any("=" not in item for item in args.set):
+        raise ValueError("--set wants ATTRIBUTE=TEXT")
+    overrides = dict(item.split("=", 1) for item in args.set)
+    print(json.dumps(model_entity(read_card(_artifact_dir(args.artifact)), args.variant, overrides), indent=2))
+
+
 def _store(out_dir: Path, metrics: dict) -> None:
     """Merge metrics into a model card."""
     card_path = out_dir / CARD_NAME
@@ -162,11 +198,33 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_baseline)
     p = sub.add_parser("results", help="the README's results table from the model cards")
     p.set_defaults(func=cmd_results)
+    p = sub.add_parser("keygen", help="write an Ed25519 signing key pair (signing.key, signing.pub)")
+    p.add_argument("--out", required=True, help="folder for the key pair")
+    p.set_defaults(func=cmd_keygen)
+    p = sub.add_parser("bundle", parents=[common], help="pack and sign a model folder with a canary set")
+    p.add_argument("artifact", help="model folder (or an artifact in it)")
+    p.add_argument("--key", required=True, help="signing.key from keygen")
+    p.add_argument("--out", required=True, help="bundle file to write")
+    p.add_argument("--canary", type=int, default=8, help="held-out test images in the canary set (default 8)")
+    p.add_argument("--variants", nargs="+", default=["int8", "float32"], choices=["int8", "float32", "keras"],
+                   help="artifacts the bundle carries (default: int8 float32, what a Pi serves)")
+    p.set_defaults(func=cmd_bundle)
+    p = sub.add_parser("verify-bundle", help="verify a bundle against trusted public keys and print its manifest")
+    p.add_argument("file")
+    p.add_argument("--trusted", action="append", required=True, help="a trusted signing.pub (repeatable)")
+    p.add_argument("--max-bytes", type=int, default=256 << 20)
+    p.set_defaults(func=cmd_verify_bundle)
+    p = sub.add_parser("hias-entity", help="the HIAS AI Model entity (JSON) of a model folder from its card")
+    p.add_argument("artifact", nargs="?", help="model folder (default: the served model)")
+    p.add_argument("--variant", choices=["int8", "float32"], default="int8", help="artifact whose figures to report")
+    p.add_argument("--set", action="append", default=[], metavar="ATTRIBUTE=TEXT",
+                   help="fill a descriptive attribute the card does not hold (e.g. paperDoi=10.1000/x; repeatable)")
+    p.set_defaults(func=cmd_hias_entity)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -144,6 +144,11 @@ def read_card(folder: Path) -> dict:
         raise ModelError(f"model card of {Path(folder).name} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"model card of {Path(folder).name} is unreadable: {type(exc).__name__}") from None
+    return check_card(card)
+
+
+def check_card(card: object) -> dict:
+    """A parsed card, checked for what serving reads from it (`ModelError` otherwise)."""
     if not isinstance(card, dict):
         raise ModelError("model card must be a JSON object")
     for key, kind in CARD_SCHEMA.items():

@@ -1,5 +1,6 @@
 """Run inside the installed Pi runtime venv (no TensorFlow): load every shipped `.tflite` with
-ai-edge-litert and check int8 against float32 on the held-out list. Prints one JSON line."""
+ai-edge-litert and check int8 against float32 on the held-out list; sign, verify, install and
+canary-check a bundle of the served model. Prints one JSON line."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import importlib.metadata
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from model import data
-from model.classifier import Classifier
+from model import bundle, data
+from model.classifier import DEFAULT_ARTIFACT, Classifier
 
 root = Path(sys.argv[1])
 artifacts = Path("model/artifacts")
@@ -29,4 +31,12 @@ for card in sorted(artifacts.glob("*/model_card.json")):
         p_all = np.concatenate([clf.p_all(clf.classify(images[i:i + 64])) for i in range(0, len(images), 64)])
         decisions[kind] = p_all >= clf.threshold
     result["models"][info["name"]] = float(np.mean(decisions["float32"] == decisions["int8"]))
+with tempfile.TemporaryDirectory() as tmp:
+    key, pub = bundle.keygen(Path(tmp) / "keys")
+    made = bundle.build_bundle(DEFAULT_ARTIFACT.parent, bundle.load_private_key(key),
+                               bundle.make_canary(DEFAULT_ARTIFACT.parent, root, 4))
+    verified = bundle.verify_bundle(made, [pub], len(made))
+    folder = verified.install(Path(tmp) / "models")
+    deviation = verified.check_canary(Classifier.load(folder / verified.card["artifacts"]["int8"]["file"]))
+    result["bundle"] = {"folder": verified.folder_name, "canary_max_deviation": deviation}
 print(json.dumps(result))

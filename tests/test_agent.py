@@ -126,9 +126,9 @@ def test_commands_life_reload_and_errors(client, online, image):
     assert json.loads(client.expect(LIFE, 10).payload)["CPU"] >= 0
     client.publish(COMMANDS, json.dumps({"From": "hias", "Type": "Reload", "Value": None, "Message": ""}))
     deadline = time.monotonic() + 15
-    while "model reloaded" not in online.log() and time.monotonic() < deadline:
+    while "model active:" not in online.log() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "model reloaded" in online.log()
+    assert "model active:" in online.log()
     for bad in (b"not json", json.dumps({"Type": "Explode"}).encode(), json.dumps({"Type": 5}).encode(),
                 json.dumps(["Life"]).encode()):
         client.publish(COMMANDS, bad)

@@ -67,6 +67,7 @@ def test_runtime_venv_runs_the_shipped_tflite_on_litert_1_4(installed, data_root
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["litert"] == "1.4.0" and not report["tensorflow_importable"]
+    assert report["bundle"]["folder"].startswith("cellnet@") and report["bundle"]["canary_max_deviation"] <= 1 / 256
     assert set(report["models"]) >= {"cellnet", "allds2020"}
     for name, agreement in report["models"].items():  # the served default must agree on 99 %
         floor = 0.99 if name == DEFAULT_ARTIFACT.parent.name else 0.95

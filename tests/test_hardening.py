@@ -75,7 +75,7 @@ def test_retained_commands_are_not_executed(broker, client, start_agent, image):
     reply = client.expect_json(DIAGNOSIS)
     assert reply["error"]["code"] == "bad_command" and "retained" in reply["error"]["message"]
     served(client, image, "after-retained")
-    assert "model reloaded" not in agent.log()
+    assert "model active:" not in agent.log()
 
 
 # ---- 2. packet size --------------------------------------------------------------------------
@@ -395,6 +395,7 @@ def test_a_hung_inference_stops_the_watchdog():
     import numpy as np
 
     from agent.config import parse
+    from agent.models import ModelStore
     from agent.service import ClassificationService, Job
     from agent.session import Inbound, MqttSession
     from agent.topics import Topics
@@ -412,7 +413,7 @@ def test_a_hung_inference_stops_the_watchdog():
 
     classifier._run = hang  # what a wedged LiteRT delegate looks like from outside
     session = MqttSession(config.broker, "hung-test")  # never started: replies just queue
-    service = ClassificationService(config, session, classifier, Topics.from_config(config))
+    service = ClassificationService(config, session, classifier, ModelStore(config), Topics.from_config(config))
     service.start()
     try:
         assert service.problems(stall_s=0.5) == []

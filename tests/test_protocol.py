@@ -66,3 +66,17 @@ def test_sensors_record_hashed_part_fits_bcrypt(label):
     hashed = (record["Sensor"] + record["Type"] + record["Value"] + record["Message"]).encode()
     assert len(hashed) <= 72, (label, len(hashed))
     assert record["Value"] == label and record["id"] == "r-1"
+
+
+def test_reply_routes_never_reach_an_own_channel_even_below_it():
+    from agent.config import parse
+    from agent.topics import Topics
+
+    base = "allds-location/Devices/allds-zone/allds-device"
+    topics = Topics.from_config(parse({"inference": {"reply_topics": ["{base}/#", "replies/#"]}}))
+    assert topics.reply_allowed(f"{base}/Diagnosis/me/1") and topics.reply_allowed("replies/x")
+    for bad in ("Status", "Status/x", "Life", "Sensors/a/b", "Commands", "Inference", "ModelState", "Model",
+                "Classification/x"):
+        assert not topics.reply_allowed(f"{base}/{bad}"), bad
+    for bad in ("$SYS/x", "replies/+", "replies/#", "", "elsewhere/x"):
+        assert not Topics.from_config(parse({})).reply_allowed(bad), bad
