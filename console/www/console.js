@@ -207,7 +207,9 @@
       dev.life = life;
       dev.lifeAt = new Date();
       for (const [field] of METRICS) {
-        const value = typeof life[field] === "number" ? life[field] : null;
+        // HIAS 3 needs a number: there a Pi without a sensor sends Temperature 0 with TemperatureMeasured false.
+        const unmeasured = field === "Temperature" && life.TemperatureMeasured === false;
+        const value = typeof life[field] === "number" && !unmeasured ? life[field] : null;
         dev.history[field].push(value);
         if (dev.history[field].length > HISTORY) dev.history[field].shift();
       }
@@ -327,7 +329,7 @@
     if (life) {
       html += '<dl class="metrics">';
       for (const [field, label, unit, lo, hi] of METRICS) {
-        const v = life[field];
+        const v = dev.history[field][dev.history[field].length - 1];
         html += `<dt>${label}</dt><dd data-metric="${field}">${typeof v === "number" ? `${v.toFixed(1)} ${unit}` : "—"}</dd><dd>${sparkline(dev.history[field], lo, hi)}</dd>`;
       }
       html += "</dl>";
