@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up on Debian / Raspberry Pi OS: Mosquitto from Debian, a venv with requirements.txt.
+# Idempotent set-up on Debian / Raspberry Pi OS: Mosquitto (and ejabberd, a second test broker) from Debian,
+# a venv with requirements.txt.
 # Usage: source deploy/bootstrap.sh   (sets REPO, PY and ALLDS_DATA)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -9,10 +10,16 @@ command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # certs/make-certs.sh
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)  # the unit file test
+compgen -G "/usr/lib/*/ejabberd-*/ebin/ejabberd.app" >/dev/null || missing+=(ejabberd)  # tests/test_brokers.py (~20 s)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing ${missing[*]} (apt-get)" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+  # The tests start their own ejabberd on loopback; the package's system service (XMPP and MQTT on all
+  # interfaces) is not wanted on a test machine.
+  if [[ " ${missing[*]} " == *" ejabberd "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now ejabberd >/dev/null 2>&1 || true
+  fi
 fi
 export PATH="$PATH:/usr/sbin"
 VENV="$REPO/.venv"
