@@ -32,6 +32,9 @@ STABLE_CONNECTION_S = 30.0  # a connection that lasted this long resets the reco
 SHORT_CONNECTIONS_SUSPECT = 3
 PACKET_HEADROOM = 64 * 1024  # topic, properties and envelope around the largest accepted payload
 SESSION_TAKEN_OVER = 0x8E
+SHARED_NOT_SUPPORTED = 0x9E  # in a SUBACK, or (ejabberd) a DISCONNECT in answer to the SUBSCRIBE
+UNSUPPORTED_PROTOCOL = 0x84  # CONNACK; paho reports the MQTT 3.1.1 return code 1 as this too
+NO_MQTT5_PROBE_S = 5.0
 SUBACK_FAILURES = {
     0x80: "the broker refused the subscription to {topic}",
     0x87: "not authorized to subscribe to {topic} (check the broker ACL)",
@@ -39,6 +42,11 @@ SUBACK_FAILURES = {
     0x9E: "the broker does not support shared subscriptions ($share/), needed for {topic}: "
           "remove inference.shared_group or use a broker that has them",
     0xA2: "the broker does not support wildcard subscriptions, needed for {topic}",
+}
+WRONG_PROTOCOL = {  # broker.protocol -> what to say when the broker does not speak it
+    "5": 'the broker does not speak MQTT 5 ({why}): set broker.protocol: "3.1.1" (no pools, Response Topic or '
+         'packet-size limit on MQTT 3.1.1)',
+    "3.1.1": 'the broker does not speak MQTT 3.1.1 ({why}): set broker.protocol: "5"',
 }
 
 
@@ -102,8 +110,8 @@ class MqttSession:
     are delivered on return) and acknowledges inbound messages only when `ack` is called.
     Publishes made while disconnected are queued: QoS 1 messages by paho (sent in order on
     reconnect), `droppable` ones (telemetry) in a bounded outbox that drops its oldest first.
-    A session taken over by another client with our id, or a refused subscription, ends the
-    session for good: `failure` says why.
+    A session taken over by another client with our id, a refused subscription, or a broker that
+    does not speak the configured protocol version ends the session for good: `failure` says why.
     """
 
     def __init__(self, broker: Broker, client_id: str, password: str | None = None, *,
@@ -348,9 +356,38 @@ class MqttSession:
                 raise ConnectFailed("stopping")
             if time.monotonic() > deadline:
                 self._close_socket()
+                if self.v5 and not self._connected_at and self._refuses_bare_mqtt5():
+                    raise SessionFailed(WRONG_PROTOCOL["5"].format(
+                        why="no CONNACK to the agent's CONNECT, 'Unsupported protocol version' to a bare one"))
                 raise ConnectFailed(f"no CONNACK within {CONNACK_TIMEOUT_S:.0f} s")
+        if self._connack.value == UNSUPPORTED_PROTOCOL:
+            raise SessionFailed(WRONG_PROTOCOL[self.broker.protocol].format(why=f"CONNACK: {self._connack}"))
         if self._connack.is_failure:
             raise ConnectFailed(f"broker refused the connection: {self._connack}")
+
+    def _refuses_bare_mqtt5(self) -> bool:
+        """After an MQTT 5 CONNECT went unanswered: does the broker refuse a bare one (no properties, no
+        credentials) as an unsupported protocol? A 3.1.1-only broker that misreads the agent's CONNECT
+        (amqtt) never answers it, but refuses this one."""
+        probe = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        if self.broker.tls.enabled:
+            probe.tls_set_context(self._tls_context())
+        answer: list[ReasonCode] = []
+        probe.on_connect = lambda client, userdata, flags, reason_code, properties: answer.append(reason_code)
+        deadline = time.monotonic() + NO_MQTT5_PROBE_S
+        try:
+            probe.connect(self.broker.host, self.broker.port, self.broker.keepalive)
+            while not answer and time.monotonic() < deadline and not self._stopping.is_set():
+                self._last_beat = time.monotonic()
+                if probe.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS:
+                    break
+        except (OSError, ssl.SSLError):
+            return False
+        finally:
+            sock = probe.socket()
+            if sock is not None:
+                sock.close()
+        return bool(answer) and answer[0].value == UNSUPPORTED_PROTOCOL
 
     def _serve(self) -> str:
         """Run the connection until it ends; returns why it ended."""
@@ -403,6 +440,7 @@ class MqttSession:
         self._connack = reason_code
         if reason_code.is_failure:
             return
+        self._warn_if_session_expiry_cut(properties)
         self._connected_at = time.monotonic()
         self._disconnected_since = None
         if self.persistent and self._had_session and not flags.session_present:
@@ -426,12 +464,21 @@ class MqttSession:
         for topic, data, retain in queued:
             self.publish(topic, data, retain=retain)
 
+    def _warn_if_session_expiry_cut(self, connack: Properties | None) -> None:
+        """MQTT 5: the broker may keep the session for less than asked (CONNACK Session Expiry Interval)."""
+        asked = getattr(self._connect_props, "SessionExpiryInterval", 0)
+        granted = getattr(connack, "SessionExpiryInterval", None)
+        if self.persistent and granted is not None and granted < asked and not self._connected_at:
+            log.warning("the broker keeps the session only %d s (asked for %d s): requests sent while the agent is away "
+                        "longer are lost (raise the broker's limit, e.g. ejabberd's mod_mqtt session_expiry)", granted, asked)
+
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         topic = self._subscribing.pop(mid, "?")
+        said = getattr(properties, "ReasonString", None)
         for code in reason_codes:
             if code.is_failure and not self.failure:
                 self.failure = SUBACK_FAILURES.get(code.value, "the broker refused the subscription to {topic} ({code})") \
-                    .format(topic=topic, code=code)
+                    .format(topic=topic, code=code) + (f" (broker: {said})" if said else "")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
@@ -440,6 +487,9 @@ class MqttSession:
         if self.v5 and reason_code.value == SESSION_TAKEN_OVER and not self.failure:
             self.failure = (f"another client uses client id {self.client_id} and took the session over; give each "
                             "agent its own hias.name or broker.client_id")
+        elif self.v5 and reason_code.value == SHARED_NOT_SUPPORTED and not self.failure:
+            shared = next((topic for topic, _, _ in self._subscriptions if topic.startswith("$share/")), "?")
+            self.failure = SUBACK_FAILURES[SHARED_NOT_SUPPORTED].format(topic=shared)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         refusal = str(reason_code) if reason_code.is_failure else None

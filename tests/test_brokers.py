@@ -82,6 +82,18 @@ def served(watcher: Client, image: bytes, request_id: str, reply_topic: str | No
 
 
 # ---- ejabberd -------------------------------------------------------------------------------------
+def test_pool_member_on_ejabberd_exits_2_with_one_line(ejabberd, start_agent):
+    """ejabberd answers a `$share/` SUBSCRIBE with DISCONNECT 0x9E: no reconnect loop, one line, exit 2."""
+    broker = ejabberd()
+    agent = start_agent(broker.port, env=ENV, broker={**CREDENTIALS, **FAST}, inference={"shared_group": "allds"})
+    assert exits(agent) == 2
+    log = agent.log()
+    problem = lines_with(agent, "does not support shared subscriptions")
+    assert len(problem) == 1 and "inference.shared_group" in problem[0] and " ERROR " in problem[0], log
+    assert "Traceback" not in log and len(lines_with(agent, "connected to")) == 1, log
+    assert "Shared Subscriptions not supported" in broker.log()  # the broker's own word for it
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_plain_agent_on_ejabberd_serves_real_images(ejabberd, start_agent, image, data_root, protocol):
     broker = ejabberd()
@@ -98,7 +110,56 @@ def test_plain_agent_on_ejabberd_serves_real_images(ejabberd, start_agent, image
     watcher.close()
 
 
+def test_second_agent_with_one_client_id_on_ejabberd_makes_the_first_exit_2(ejabberd, start_agent):
+    """ejabberd tells the old connection DISCONNECT 0x8E (session taken over): the kicked agent exits 2."""
+    broker = ejabberd()
+    watcher = client(broker.port)
+    first = start_agent(broker.port, name="twin1", env=ENV, broker={**CREDENTIALS, **FAST})
+    watcher.expect(STATUS, 20, lambda m: m.payload == b"ONLINE")
+    second = start_agent(broker.port, name="twin2", env=ENV, broker={**CREDENTIALS, **FAST})
+    assert exits(first) == 2
+    problem = lines_with(first, "another client uses client id allds-agent")
+    assert len(problem) == 1 and "Traceback" not in first.log(), first.log()
+    time.sleep(2)
+    assert second.proc.poll() is None, second.log()  # the winner keeps serving
+    assert second.terminate() == 0
+    watcher.close()
+
+
+def test_subscription_refused_by_ejabberd_acl_exits_2(ejabberd, start_agent):
+    """mod_mqtt's access_subscribe refuses the request topic in the SUBACK (Mosquitto grants and filters at
+    delivery); ejabberd's code is 0x8F 'topic filter invalid', its Reason String says why."""
+    broker = ejabberd(mqtt={"access_subscribe": {f"{BASE}/Commands": [{"allow": "all"}]}})  # Inference: nobody
+    agent = start_agent(broker.port, env=ENV, broker={**CREDENTIALS, **FAST})
+    assert exits(agent) == 2
+    problem = lines_with(agent, f"topic filter {BASE}/Inference")
+    assert len(problem) == 1 and "forbidden by service policy" in problem[0], agent.log()
+    assert "Traceback" not in agent.log()
+
+
+def test_session_expiry_cut_by_ejabberd_is_said_at_start(ejabberd, start_agent, image):
+    """ejabberd keeps a session 300 s at most (mod_mqtt session_expiry) although the agent asks for a day."""
+    broker = ejabberd()
+    watcher = client(broker.port)
+    agent = start_agent(broker.port, env=ENV, broker={**CREDENTIALS, **FAST})
+    watcher.expect(STATUS, 20, lambda m: m.payload == b"ONLINE")
+    warning = lines_with(agent, "keeps the session only 300 s")
+    assert len(warning) == 1 and "86400" in warning[0] and " WARNING " in warning[0], agent.log()
+    served(watcher, image, "still-served")
+    watcher.close()
+
+
 # ---- amqtt ----------------------------------------------------------------------------------------
+def test_mqtt5_agent_on_amqtt_exits_2_telling_to_use_311(amqtt, start_agent):
+    """amqtt never answers the agent's MQTT 5 CONNECT (it misreads the properties) and refuses a bare one
+    with 'Unsupported protocol version': one line that names the fix, exit 2."""
+    agent = start_agent(amqtt.port, env=ENV, broker={**CREDENTIALS, **FAST})
+    assert exits(agent, 60) == 2
+    problem = lines_with(agent, 'set broker.protocol: "3.1.1"')
+    assert len(problem) == 1 and "does not speak MQTT 5" in problem[0], agent.log()
+    assert "Traceback" not in agent.log()
+
+
 def test_311_agent_on_amqtt_serves_and_says_when_the_session_is_lost(tmp_path, start_agent, image):
     """amqtt keeps an authenticated client's session while it runs (not an anonymous one), none across a restart."""
     broker = Amqtt(tmp_path / "amqtt").start()
