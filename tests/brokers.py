@@ -5,10 +5,12 @@ mod_mqtt; no epmd, no network beyond loopback) and amqtt from PyPI (MQTT 3.1.1 o
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -81,8 +83,9 @@ _EjabberdYaml.add_representer(str, lambda dumper, value: dumper.represent_scalar
 class Ejabberd(_Process):
     """Debian's ejabberd with only its MQTT listener (mod_mqtt), anonymous login, as a foreground Erlang VM.
 
-    Without a node name the VM starts no distribution and no epmd; `node` names a distributed node for
-    clustering (see `cluster_join`), which listens for other nodes on `dist_port` only (no epmd either).
+    Without a node name the VM starts no distribution and no epmd. For a cluster, each node is named
+    `name@127.0.0.N` (one loopback address per node) and listens for the others on that address and the
+    one `dist_port` they all share, without epmd; `join` makes it join another node's cluster.
     `mqtt` are mod_mqtt options (e.g. `access_subscribe`, `session_expiry`).
     """
 
@@ -112,6 +115,22 @@ class Ejabberd(_Process):
                      "{" + self.node.split("@")[1].replace(".", ",") + "}"]
         return argv + ["-s", "ejabberd"]
 
+    def join(self, master: Ejabberd) -> list[str]:
+        """Join `master`'s cluster (`ejabberdctl join_cluster`, run from a short-lived hidden Erlang node on
+        127.0.0.3 since ejabberdctl would need epmd); returns the cluster's nodes."""
+        call = (f"J = rpc:call('{self.node}', ejabberd_admin, join_cluster, [<<\"{master.node}\">>]), "
+                f"N = rpc:call('{self.node}', ejabberd_admin, list_cluster, []), "
+                "io:format(\"~p~n~p~n\", [J, N]), halt().")
+        out = subprocess.run([ERL, "-name", "ctl@127.0.0.3", "-setcookie", "allds-test", "-hidden", "-noinput",
+                              "-start_epmd", "false", "-erl_epmd_port", str(self.dist_port),
+                              "-kernel", "inet_dist_use_interface", "{127,0,0,3}", "-eval", call],
+                             capture_output=True, text=True, timeout=60, env={**os.environ, "ERL_LIBS": ejabberd_libs() or ""})
+        joined, nodes = (out.stdout.splitlines() + ["", ""])[:2]
+        if joined != "ok":
+            raise RuntimeError(f"join_cluster failed: {out.stdout} {out.stderr[-2000:]}")
+        wait_port(self.port, 30)  # the joining node restarts ejabberd, listener included
+        return re.findall(r"'([^']+)'", nodes)
+
     def start(self) -> Ejabberd:
         libs = ejabberd_libs()
         if libs is None:
@@ -119,7 +138,16 @@ class Ejabberd(_Process):
         self._spawn(self.argv(), {"ERL_LIBS": libs, "EJABBERD_CONFIG_PATH": str(self.conf),
                                   "EJABBERD_LOG_PATH": str(self.log_path), "ERL_CRASH_DUMP": str(self.dir / "erl_crash.dump"),
                                   "ERL_CRASH_DUMP_BYTES": "0"})
+        self._wait_log(f"Start accepting TCP connections at 127.0.0.1:{self.port} for mod_mqtt")
         return self
+
+    def _wait_log(self, text: str, timeout: float = 30) -> None:
+        """The port answers a little before ejabberd has finished starting (a join at that moment fails)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ejabberd never logged {text!r}:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
 
 
 class Amqtt(_Process):

@@ -14,7 +14,7 @@ import pytest
 
 from tests.broker_probe import probe
 from tests.brokers import PASSWORD, USER, Amqtt, Ejabberd, ejabberd_libs
-from tests.helpers import BASE, Broker, Client
+from tests.helpers import BASE, Broker, Client, free_port
 
 STATUS, INFERENCE, DIAGNOSIS = f"{BASE}/Status", f"{BASE}/Inference", f"{BASE}/Diagnosis"
 CREDENTIALS = {"username": USER, "password_env": "ALLDS_TEST_BROKER_PASSWORD"}
@@ -149,6 +149,34 @@ def test_session_expiry_cut_by_ejabberd_is_said_at_start(ejabberd, start_agent, 
     watcher.close()
 
 
+def test_two_node_ejabberd_cluster_with_device_and_requester_on_different_nodes(ejabberd, start_agent, image):
+    """The agent on node 2, the requester on node 1: requests, replies, live Status, the Last Will and the
+    session take-over cross the cluster. A retained message does not: ejabberd 23.01 indexes retained
+    topics per node (mod_mqtt's topic cache), so a late subscriber on the other node does not get it."""
+    dist = free_port()
+    first, second = ejabberd(node="n1@127.0.0.1", dist_port=dist), ejabberd(node="n2@127.0.0.2", dist_port=dist)
+    assert sorted(second.join(first)) == ["n1@127.0.0.1", "n2@127.0.0.2"]
+    requester = client(first.port)
+    device = start_agent(second.port, name="on-node2", env=ENV, broker={**CREDENTIALS, **FAST})
+    requester.expect(STATUS, 20, lambda m: m.payload == b"ONLINE")
+    served(requester, image, "across-nodes", f"{DIAGNOSIS}/requester/r1")
+    late = {node.port: Client(node.port, username=USER, password=PASSWORD).subscribe(STATUS) for node in (first, second)}
+    assert late[second.port].expect(STATUS).retain
+    with pytest.raises(AssertionError, match="nothing on"):
+        late[first.port].expect(STATUS, 3)
+    for c in late.values():
+        c.close()
+    twin = start_agent(first.port, name="twin-on-node1", env=ENV, broker={**CREDENTIALS, **FAST})
+    assert exits(device) == 2 and len(lines_with(device, "another client uses client id allds-agent")) == 1, device.log()
+    served(requester, image, "served-by-the-twin")
+    watcher = client(second.port)
+    twin.kill()
+    will = watcher.expect(STATUS, 30, lambda m: m.payload == b"OFFLINE")
+    assert dict(will.properties.UserProperty)["reason"] == "connection lost"
+    requester.close()
+    watcher.close()
+
+
 # ---- amqtt ----------------------------------------------------------------------------------------
 def test_mqtt5_agent_on_amqtt_exits_2_telling_to_use_311(amqtt, start_agent):
     """amqtt never answers the agent's MQTT 5 CONNECT (it misreads the properties) and refuses a bare one
@@ -211,7 +239,7 @@ def test_feature_matrix_ejabberd(ejabberd):
 
 def test_feature_matrix_amqtt(amqtt):
     found = probe(amqtt.port, USER, PASSWORD)
-    assert found["MQTT 5"] == ("no: an MQTT 5 CONNECT with credentials gets no answer, "
+    assert found["MQTT 5"] == ("no: an MQTT 5 CONNECT with credentials gets no answer in 5 s, "
                                "a bare one gets CONNACK 0x84 Unsupported protocol version")
     assert found["persistent session kept"] == "yes"
     assert found["shared subscriptions"] == "no: SUBACK granted, but 4 messages reached the members 0+0 times"
