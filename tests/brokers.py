@@ -90,14 +90,14 @@ class Ejabberd(_Process):
     """
 
     def __init__(self, workdir: Path, port: int | None = None, mqtt: dict | None = None, node: str | None = None,
-                 dist_port: int | None = None, tls: tuple[Path, Path] | None = None) -> None:
+                 dist_port: int | None = None, tls: tuple[Path, ...] | None = None) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.node, self.dist_port = node, dist_port
         self.log_path = self.dir / "ejabberd.log"
         listener = {"port": self.port, "ip": "127.0.0.1", "module": "mod_mqtt"}
-        if tls:  # (certificate, key): ejabberd takes both from `certfiles`
+        if tls:  # (certificate, key, CA): ejabberd finds each in `certfiles`
             listener["tls"] = True
         config = {"hosts": ["localhost"], "loglevel": "info", "log_rotate_count": 0, "listen": [listener],
                   "auth_method": "anonymous", "anonymous_protocol": "login_anon",
@@ -138,7 +138,7 @@ class Ejabberd(_Process):
         self._spawn(self.argv(), {"ERL_LIBS": libs, "EJABBERD_CONFIG_PATH": str(self.conf),
                                   "EJABBERD_LOG_PATH": str(self.log_path), "ERL_CRASH_DUMP": str(self.dir / "erl_crash.dump"),
                                   "ERL_CRASH_DUMP_BYTES": "0"})
-        self._wait_log(f"Start accepting TCP connections at 127.0.0.1:{self.port} for mod_mqtt")
+        self._wait_log(f"connections at 127.0.0.1:{self.port} for mod_mqtt")  # "Start accepting TCP|TLS connections"
         return self
 
     def _wait_log(self, text: str, timeout: float = 30) -> None:
@@ -154,7 +154,7 @@ class Amqtt(_Process):
     """amqtt (PyPI), an MQTT 3.1.1 broker in Python, from its own command-line script, with one user
     (USER, PASSWORD) in a password file: amqtt keeps no session of an anonymous client."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -163,7 +163,10 @@ class Amqtt(_Process):
 
         passwords = self.dir / "passwords"
         passwords.write_text(f"{USER}:{Argon2Hasher().hash(PASSWORD)}\n")
-        config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+        listener = {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}
+        if tls:  # (certificate, key)
+            listener.update(ssl=True, certfile=str(tls[0]), keyfile=str(tls[1]))
+        config = {"listeners": {"default": listener},
                   "plugins": {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(passwords)}}}
         self.conf = self.dir / "amqtt.yaml"
         self.conf.write_text(yaml.safe_dump(config))

@@ -8,13 +8,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 import time
 
 import pytest
 
 from tests.broker_probe import probe
 from tests.brokers import PASSWORD, USER, Amqtt, Ejabberd, ejabberd_libs
-from tests.helpers import BASE, Broker, Client, free_port
+from tests.helpers import BASE, REPO, Broker, Client, free_port
 
 STATUS, INFERENCE, DIAGNOSIS = f"{BASE}/Status", f"{BASE}/Inference", f"{BASE}/Diagnosis"
 CREDENTIALS = {"username": USER, "password_env": "ALLDS_TEST_BROKER_PASSWORD"}
@@ -207,6 +208,25 @@ def test_311_agent_on_amqtt_serves_and_says_when_the_session_is_lost(tmp_path, s
         served(watcher, image, "amqtt-2", v5=False)
         watcher.close()
         assert agent.proc.poll() is None
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("kind", ["ejabberd", "amqtt"])
+def test_agent_over_tls(kind, ejabberd, tmp_path, start_agent, image):
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(REPO / "certs/make-certs.sh"), "--out", str(certs)], check=True, capture_output=True)
+    tls = (certs / "broker.crt", certs / "broker.key")
+    broker = ejabberd(tls=(*tls, certs / "ca.crt")) if kind == "ejabberd" else Amqtt(tmp_path / "amqtt", tls=tls).start()
+    try:
+        v5 = kind == "ejabberd"
+        watcher = Client(broker.port, v5=v5, username=USER, password=PASSWORD, ca_certs=str(certs / "ca.crt"))
+        watcher.subscribe(f"{BASE}/#")
+        start_agent(broker.port, env=ENV, broker={**CREDENTIALS, **FAST, "protocol": "5" if v5 else "3.1.1",
+                                                  "tls": {"enabled": True, "ca_certs": str(certs / "ca.crt")}})
+        watcher.expect(STATUS, 20, lambda m: m.payload == b"ONLINE")
+        served(watcher, image, f"tls-{kind}", v5=v5)
+        watcher.close()
     finally:
         broker.stop()
 
