@@ -1,17 +1,21 @@
 """What a broker does with each MQTT feature the agent relies on, found with plain paho clients.
 
 `probe(port)` returns one short finding per feature (the rows of docs/brokers.md); tests/test_brokers.py
-asserts them for each broker, and `python -m tests.broker_probe --port N [--user U --password P]` prints
-them for any broker on 127.0.0.1.
+asserts them for each broker. `python -m tests.broker_probe --start mosquitto|ejabberd|amqtt` starts
+that broker on loopback as the tests do and prints them; `--port N [--user U --password P]` probes a
+broker already listening on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import queue
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -281,13 +285,29 @@ def probe(port: int, user: str | None = None, password: str | None = None) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Probe a broker on 127.0.0.1 for the MQTT features the agent uses")
-    parser.add_argument("--port", type=int, required=True)
+    parser = argparse.ArgumentParser(description="Probe an MQTT broker for the features the agent uses")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="a broker already listening on 127.0.0.1")
+    where.add_argument("--start", choices=["mosquitto", "ejabberd", "amqtt"],
+                       help="start this broker on loopback as the tests do, probe it, stop it")
     parser.add_argument("--user")
     parser.add_argument("--password")
     args = parser.parse_args()
-    for feature, finding in probe(args.port, args.user, args.password).items():
-        print(f"{feature}: {finding}")
+    broker = None
+    if args.start:
+        from tests.brokers import PASSWORD, USER, Amqtt, Ejabberd
+        from tests.helpers import Broker
+
+        work = Path(tempfile.mkdtemp(prefix=f"allds-probe-{args.start}-"))
+        os.chmod(work, 0o777)  # mosquitto started as root drops to user mosquitto
+        broker = {"mosquitto": Broker, "ejabberd": Ejabberd, "amqtt": Amqtt}[args.start](work / "broker").start()
+        args.port, args.user, args.password = broker.port, USER, PASSWORD
+    try:
+        for feature, finding in probe(args.port, args.user, args.password).items():
+            print(f"{feature}: {finding}")
+    finally:
+        if broker:
+            broker.stop()
 
 
 if __name__ == "__main__":
