@@ -30,6 +30,7 @@ log = logging.getLogger("allds.session")
 CONNACK_TIMEOUT_S = 10.0
 STABLE_CONNECTION_S = 30.0  # a connection that lasted this long resets the reconnect backoff
 SHORT_CONNECTIONS_SUSPECT = 3
+SHARED_CLOSES_CONCLUSIVE = 2  # connections ended in a row while a $share/ SUBSCRIBE awaited its SUBACK
 PACKET_HEADROOM = 64 * 1024  # topic, properties and envelope around the largest accepted payload
 SESSION_TAKEN_OVER = 0x8E
 SHARED_NOT_SUPPORTED = 0x9E  # in a SUBACK, or (ejabberd) a DISCONNECT in answer to the SUBSCRIBE
@@ -171,6 +172,7 @@ class MqttSession:
         self.failed = threading.Event()
         self._had_session = False
         self._short_connections = 0
+        self._shared_closes = 0
         self._connack: ReasonCode | None = None
         self._connected_at = 0.0
         self._disconnected_since: float | None = time.monotonic()
@@ -321,6 +323,7 @@ class MqttSession:
         if self.failure:
             raise SessionFailed(self.failure)
         lasted = time.monotonic() - self._connected_at
+        self._count_shared_closes()
         if lasted >= STABLE_CONNECTION_S:
             self._short_connections = 0
             log.warning("connection to %s:%s lost after %.0f s (%s); reconnecting", self.broker.host, self.broker.port,
@@ -332,6 +335,17 @@ class MqttSession:
                         "client id %s (agents cloned with one hias.name), or the broker refuses something the agent "
                         "sends (see the broker's log)", self._short_connections, self.client_id)
         raise ConnectionLost(f"connection closed {lasted:.1f} s after it was made ({reason})")
+
+    def _count_shared_closes(self) -> None:
+        """A broker without shared subscriptions may close the connection on a `$share/` SUBSCRIBE with a
+        DISCONNECT 0x9E that does not always reach us (ejabberd: about 1 connection in 8 here). The
+        connection ending while that SUBSCRIBE awaits its SUBACK, twice in a row, says the same."""
+        pending = [topic for topic in self._subscribing.values() if topic.startswith("$share/")]
+        self._shared_closes = self._shared_closes + 1 if pending else 0
+        if self._shared_closes >= SHARED_CLOSES_CONCLUSIVE:
+            raise SessionFailed(SUBACK_FAILURES[SHARED_NOT_SUPPORTED].format(topic=pending[0]) +
+                                f" (the broker closed the connection {self._shared_closes} times in a row while that "
+                                "subscription awaited its answer)")
 
     def _connect_once(self) -> None:
         self._connack = None
