@@ -15,7 +15,7 @@ import pytest
 
 from agent.config import parse
 from agent.session import MqttSession
-from tests.broker_probe import probe
+from tests.broker_probe import Probe, probe
 from tests.brokers import PASSWORD, USER, Amqtt, Ejabberd, ejabberd_libs
 from tests.helpers import BASE, REPO, Broker, Client, free_port
 
@@ -267,6 +267,22 @@ def test_feature_matrix_mosquitto(tmp_path):
     assert found["shared subscriptions"].startswith("yes: 4 messages split")
     assert found["retained Last Will"] == found["Response Topic / Correlation Data"] == "yes"
     assert found["client id taken over"] == "first client gets connection closed (no DISCONNECT)"
+
+
+def test_mosquitto_grants_a_subscription_its_acl_forbids(tmp_path):
+    """Why the agent cannot tell a forbidden request topic on Mosquitto: the SUBACK grants it, nothing arrives."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite allowed/#\n")
+    broker = Broker(tmp_path / "mosquitto", extra=f"acl_file {acl}").start()
+    try:
+        subscriber, publisher = Probe(broker.port, True), Probe(broker.port, True)
+        assert [code.value for code in subscriber.subscribe("forbidden/x")] == [1]  # Granted QoS 1
+        publisher.publish("forbidden/x", b"m")
+        assert subscriber.received() == []
+        subscriber.close()
+        publisher.close()
+    finally:
+        broker.stop()
 
 
 def test_feature_matrix_ejabberd(ejabberd):
