@@ -46,15 +46,21 @@ class _Process:
     log_path: Path
     proc: subprocess.Popen | None = None
 
-    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None, ready: str | None = None) -> None:
+        """Start the broker; wait for its port and, if given, for `ready` in its log. It never outlives a failure."""
         self._out = (self.dir / "stdout.log").open("ab")
         self.proc = subprocess.Popen(argv, cwd=self.dir, stdout=self._out, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 30
         try:
             wait_port(self.port, 30)
-        except TimeoutError:
+            while ready and ready not in self.log():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"never logged {ready!r}")
+                time.sleep(0.05)
+        except TimeoutError as exc:
             self.stop()
-            raise RuntimeError(f"{argv[0]} did not listen on {self.port}:\n{self.log()[-3000:]}") from None
+            raise RuntimeError(f"{argv[0]} did not start on {self.port} ({exc}):\n{self.log()[-3000:]}") from None
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -135,19 +141,12 @@ class Ejabberd(_Process):
         libs = ejabberd_libs()
         if libs is None:
             raise RuntimeError("ejabberd is not installed (apt-get install ejabberd)")
+        # The port answers a little before ejabberd has finished starting (a join at that moment fails):
+        # wait for "Start accepting TCP (or TLS) connections" too.
         self._spawn(self.argv(), {"ERL_LIBS": libs, "EJABBERD_CONFIG_PATH": str(self.conf),
                                   "EJABBERD_LOG_PATH": str(self.log_path), "ERL_CRASH_DUMP": str(self.dir / "erl_crash.dump"),
-                                  "ERL_CRASH_DUMP_BYTES": "0"})
-        self._wait_log(f"connections at 127.0.0.1:{self.port} for mod_mqtt")  # "Start accepting TCP|TLS connections"
+                                  "ERL_CRASH_DUMP_BYTES": "0"}, ready=f"connections at 127.0.0.1:{self.port} for mod_mqtt")
         return self
-
-    def _wait_log(self, text: str, timeout: float = 30) -> None:
-        """The port answers a little before ejabberd has finished starting (a join at that moment fails)."""
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ejabberd never logged {text!r}:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
 
 
 class Amqtt(_Process):
