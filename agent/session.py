@@ -30,8 +30,12 @@ log = logging.getLogger("allds.session")
 CONNACK_TIMEOUT_S = 10.0
 STABLE_CONNECTION_S = 30.0  # a connection that lasted this long resets the reconnect backoff
 SHORT_CONNECTIONS_SUSPECT = 3
+SHARED_CLOSES_CONCLUSIVE = 2  # connections ended in a row while a $share/ SUBSCRIBE awaited its SUBACK
 PACKET_HEADROOM = 64 * 1024  # topic, properties and envelope around the largest accepted payload
 SESSION_TAKEN_OVER = 0x8E
+SHARED_NOT_SUPPORTED = 0x9E  # in a SUBACK, or (ejabberd) a DISCONNECT in answer to the SUBSCRIBE
+UNSUPPORTED_PROTOCOL = 0x84  # CONNACK; paho reports the MQTT 3.1.1 return code 1 as this too
+NO_MQTT5_PROBE_S = 5.0
 SUBACK_FAILURES = {
     0x80: "the broker refused the subscription to {topic}",
     0x87: "not authorized to subscribe to {topic} (check the broker ACL)",
@@ -39,6 +43,11 @@ SUBACK_FAILURES = {
     0x9E: "the broker does not support shared subscriptions ($share/), needed for {topic}: "
           "remove inference.shared_group or use a broker that has them",
     0xA2: "the broker does not support wildcard subscriptions, needed for {topic}",
+}
+WRONG_PROTOCOL = {  # broker.protocol -> what to say when the broker does not speak it
+    "5": 'the broker does not speak MQTT 5 ({why}): set broker.protocol: "3.1.1" (no pools, Response Topic or '
+         'packet-size limit on MQTT 3.1.1)',
+    "3.1.1": 'the broker does not speak MQTT 3.1.1 ({why}): set broker.protocol: "5"',
 }
 
 
@@ -102,8 +111,8 @@ class MqttSession:
     are delivered on return) and acknowledges inbound messages only when `ack` is called.
     Publishes made while disconnected are queued: QoS 1 messages by paho (sent in order on
     reconnect), `droppable` ones (telemetry) in a bounded outbox that drops its oldest first.
-    A session taken over by another client with our id, or a refused subscription, ends the
-    session for good: `failure` says why.
+    A session taken over by another client with our id, a refused subscription, or a broker that
+    does not speak the configured protocol version ends the session for good: `failure` says why.
     """
 
     def __init__(self, broker: Broker, client_id: str, password: str | None = None, *,
@@ -164,6 +173,7 @@ class MqttSession:
         self.failed = threading.Event()
         self._had_session = False
         self._short_connections = 0
+        self._shared_closes = 0
         self._connack: ReasonCode | None = None
         self._connected_at = 0.0
         self._disconnected_since: float | None = time.monotonic()
@@ -314,6 +324,7 @@ class MqttSession:
         if self.failure:
             raise SessionFailed(self.failure)
         lasted = time.monotonic() - self._connected_at
+        self._count_shared_closes()
         if lasted >= STABLE_CONNECTION_S:
             self._short_connections = 0
             log.warning("connection to %s:%s lost after %.0f s (%s); reconnecting", self.broker.host, self.broker.port,
@@ -325,6 +336,17 @@ class MqttSession:
                         "client id %s (agents cloned with one hias.name), or the broker refuses something the agent "
                         "sends (see the broker's log)", self._short_connections, self.client_id)
         raise ConnectionLost(f"connection closed {lasted:.1f} s after it was made ({reason})")
+
+    def _count_shared_closes(self) -> None:
+        """A broker without shared subscriptions may close the connection on a `$share/` SUBSCRIBE with a
+        DISCONNECT 0x9E that does not always reach us (ejabberd: about 1 connection in 8 here). The
+        connection ending while that SUBSCRIBE awaits its SUBACK, twice in a row, says the same."""
+        pending = [topic for topic in self._subscribing.values() if topic.startswith("$share/")]
+        self._shared_closes = self._shared_closes + 1 if pending else 0
+        if self._shared_closes >= SHARED_CLOSES_CONCLUSIVE:
+            raise SessionFailed(SUBACK_FAILURES[SHARED_NOT_SUPPORTED].format(topic=pending[0]) +
+                                f" (the broker closed the connection {self._shared_closes} times in a row while that "
+                                "subscription awaited its answer)")
 
     def _connect_once(self) -> None:
         self._connack = None
@@ -349,9 +371,38 @@ class MqttSession:
                 raise ConnectFailed("stopping")
             if time.monotonic() > deadline:
                 self._close_socket()
+                if self.v5 and not self._connected_at and self._refuses_bare_mqtt5():
+                    raise SessionFailed(WRONG_PROTOCOL["5"].format(
+                        why="no CONNACK to the agent's CONNECT, 'Unsupported protocol version' to a bare one"))
                 raise ConnectFailed(f"no CONNACK within {CONNACK_TIMEOUT_S:.0f} s")
+        if self._connack.value == UNSUPPORTED_PROTOCOL:
+            raise SessionFailed(WRONG_PROTOCOL[self.broker.protocol].format(why=f"CONNACK: {self._connack}"))
         if self._connack.is_failure:
             raise ConnectFailed(f"broker refused the connection: {self._connack}")
+
+    def _refuses_bare_mqtt5(self) -> bool:
+        """After an MQTT 5 CONNECT went unanswered: does the broker refuse a bare one (no properties, no
+        credentials) as an unsupported protocol? A 3.1.1-only broker that misreads the agent's CONNECT
+        (amqtt) never answers it, but refuses this one."""
+        probe = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        if self.broker.tls.enabled:
+            probe.tls_set_context(self._tls_context())
+        answer: list[ReasonCode] = []
+        probe.on_connect = lambda client, userdata, flags, reason_code, properties: answer.append(reason_code)
+        deadline = time.monotonic() + NO_MQTT5_PROBE_S
+        try:
+            probe.connect(self.broker.host, self.broker.port, self.broker.keepalive)
+            while not answer and time.monotonic() < deadline and not self._stopping.is_set():
+                self._last_beat = time.monotonic()
+                if probe.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS:
+                    break
+        except (OSError, ssl.SSLError):
+            return False
+        finally:
+            sock = probe.socket()
+            if sock is not None:
+                sock.close()
+        return bool(answer) and answer[0].value == UNSUPPORTED_PROTOCOL
 
     def _serve(self) -> str:
         """Run the connection until it ends; returns why it ended."""
@@ -404,6 +455,7 @@ class MqttSession:
         self._connack = reason_code
         if reason_code.is_failure:
             return
+        self._warn_if_session_expiry_cut(properties)
         self._connected_at = time.monotonic()
         self._disconnected_since = None
         self.connections += 1
@@ -428,12 +480,21 @@ class MqttSession:
         for topic, data, retain in queued:
             self.publish(topic, data, retain=retain)
 
+    def _warn_if_session_expiry_cut(self, connack: Properties | None) -> None:
+        """MQTT 5: the broker may keep the session for less than asked (CONNACK Session Expiry Interval)."""
+        asked = getattr(self._connect_props, "SessionExpiryInterval", 0)
+        granted = getattr(connack, "SessionExpiryInterval", None)
+        if self.persistent and granted is not None and granted < asked and not self._connected_at:
+            log.warning("the broker keeps the session only %d s (asked for %d s): requests sent while the agent is away "
+                        "longer are lost (raise the broker's limit, e.g. ejabberd's mod_mqtt session_expiry)", granted, asked)
+
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         topic = self._subscribing.pop(mid, "?")
+        said = getattr(properties, "ReasonString", None)
         for code in reason_codes:
             if code.is_failure and not self.failure:
                 self.failure = SUBACK_FAILURES.get(code.value, "the broker refused the subscription to {topic} ({code})") \
-                    .format(topic=topic, code=code)
+                    .format(topic=topic, code=code) + (f" (broker: {said})" if said else "")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
@@ -442,6 +503,9 @@ class MqttSession:
         if self.v5 and reason_code.value == SESSION_TAKEN_OVER and not self.failure:
             self.failure = (f"another client uses client id {self.client_id} and took the session over; give each "
                             "agent its own hias.name or broker.client_id")
+        elif self.v5 and reason_code.value == SHARED_NOT_SUPPORTED and not self.failure:
+            shared = next((topic for topic, _, _ in self._subscriptions if topic.startswith("$share/")), "?")
+            self.failure = SUBACK_FAILURES[SHARED_NOT_SUPPORTED].format(topic=shared)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         refusal = str(reason_code) if reason_code.is_failure else None

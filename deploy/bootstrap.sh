@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent set-up on Debian / Raspberry Pi OS: Mosquitto from Debian, a venv with requirements.txt,
-# the lab console's MQTT.js (console/package-lock.json) and Chromium + ChromeDriver for its browser tests.
+# Idempotent set-up on Debian / Raspberry Pi OS: Mosquitto (and ejabberd, a second test broker) from Debian,
+# a venv with requirements.txt, the lab console's MQTT.js (console/package-lock.json) and Chromium +
+# ChromeDriver for its browser tests.
 # Usage: source deploy/bootstrap.sh   (sets REPO, PY and ALLDS_DATA)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,10 +14,16 @@ command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)  # the unit fil
 command -v npm >/dev/null 2>&1 || missing+=(npm)  # the console's pinned MQTT.js
 [ -x /usr/bin/chromium ] || missing+=(chromium)  # the console's end-to-end tests (headless)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+compgen -G "/usr/lib/*/ejabberd-*/ebin/ejabberd.app" >/dev/null || missing+=(ejabberd)  # tests/test_brokers.py (~20 s)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing ${missing[*]} (apt-get)" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+  # The tests start their own ejabberd on loopback; the package's system service (XMPP and MQTT on all
+  # interfaces) is not wanted on a test machine.
+  if [[ " ${missing[*]} " == *" ejabberd "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now ejabberd >/dev/null 2>&1 || true
+  fi
 fi
 export PATH="$PATH:/usr/sbin"
 VENV="$REPO/.venv"
