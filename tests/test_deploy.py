@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +19,10 @@ import pytest
 
 from agent.config import reference
 from model.classifier import DEFAULT_ARTIFACT
-from tests.helpers import BASE, REPO
+from tests.helpers import BASE, REPO, Client, write_config
+from tests.syscall_filter import unit_values
+
+UNIT = REPO / "deploy/allds-agent.service"
 
 
 def tree(root: Path) -> dict[str, tuple]:
@@ -98,6 +103,53 @@ def test_systemd_unit_verifies(installed, tmp_path):
     for directive in ("Type=notify", "Restart=on-failure", "WatchdogSec=", "NoNewPrivileges=yes",
                       "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "MemoryMax="):
         assert directive in text
+
+
+def test_systemd_unit_exposure_is_at_most_2():
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
+                            capture_output=True, text=True)
+    score = re.search(r"Overall exposure level for allds-agent.service: (\d+\.\d+)", result.stdout)
+    assert score, result.stdout[-2000:] + result.stderr
+    assert float(score.group(1)) <= 2.0, result.stdout
+
+
+def test_systemd_unit_does_not_restart_on_a_config_error():
+    assert "2" in " ".join(unit_values(UNIT, "RestartPreventExitStatus")).split()  # exit 2: config error
+    text = UNIT.read_text()
+    unit_section = text.split("[Service]")[0]
+    assert "StartLimitIntervalSec=" in unit_section and "StartLimitBurst=" in unit_section
+
+
+def test_installed_agent_serves_under_the_units_syscall_filter(installed, broker, data_root, tmp_path):
+    """`--strict`: any system call outside the unit's filter kills the agent (SIGSYS), so an answer
+    means the installed venv (Python, LiteRT/XNNPACK threads, TCP, sd_notify) made none."""
+    opt = installed / "opt/allds"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    config = write_config(tmp_path / "agent.yaml", broker.port)
+    with (tmp_path / "agent.log").open("wb") as log:
+        agent = subprocess.Popen([sys.executable, str(REPO / "tests/syscall_filter.py"), str(UNIT), "--strict", "--",
+                                  str(opt / "venv/bin/python"), "-m", "agent", "--config", str(config)],
+                                 cwd=opt, stdout=log, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONPATH": str(opt), "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+                                      "WATCHDOG_USEC": "1000000"})
+    try:
+        assert notify.recv(256) == b"READY=1"
+        requester = Client(broker.port)
+        requester.subscribe(f"{BASE}/Diagnosis")
+        requester.publish(f"{BASE}/Inference", (data_root / "Pre/WBC-Malignant-Pre-010.jpg").read_bytes(),
+                          correlation=b"filtered-1")
+        assert requester.expect_json(f"{BASE}/Diagnosis", 30, id="filtered-1")["diagnosis"] in ("Positive", "Negative")
+        assert notify.recv(256) == b"WATCHDOG=1"
+        requester.close()
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0, (tmp_path / "agent.log").read_text()[-3000:]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        notify.close()
 
 
 def test_sd_notify_ready_after_online_then_watchdog(broker, client, start_agent, tmp_path):
