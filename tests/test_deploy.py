@@ -3,9 +3,11 @@ sd_notify, the generated config reference and the replay report files."""
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import json
 import os
+import pwd
 import re
 import signal
 import socket
@@ -32,7 +34,7 @@ def tree(root: Path) -> dict[str, tuple]:
         if path.is_file() and not path.is_symlink():
             st = path.stat()
             state[str(path.relative_to(root))] = (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mode,
-                                                  st.st_uid, st.st_mtime_ns)
+                                                  st.st_uid, st.st_gid, st.st_mtime_ns)
     return state
 
 
@@ -50,11 +52,9 @@ def test_installer_lays_out_files_and_is_idempotent(installed):
                  "requirements-runtime.txt"):
         assert (opt / path).exists(), path
     assert (etc / "agent.yaml").read_text() == (REPO / "config/agent.yaml").read_text()
-    secret = (etc / "secret").stat()
-    assert oct(secret.st_mode & 0o777) == "0o600"
-    import pwd
-
-    assert pwd.getpwuid(secret.st_uid).pw_name == "allds"
+    secret = (etc / "secret").stat()  # the service user reads the password but cannot change it
+    assert oct(secret.st_mode & 0o777) == "0o640"
+    assert (pwd.getpwuid(secret.st_uid).pw_name, grp.getgrgid(secret.st_gid).gr_name) == ("root", "allds")
     assert (installed / "etc/systemd/system/allds-agent.service").read_text() == \
         (REPO / "deploy/allds-agent.service").read_text()
     (etc / "agent.yaml").write_text("hias: {name: site-edited}\n")  # an operator's edit is kept
@@ -62,6 +62,40 @@ def test_installer_lays_out_files_and_is_idempotent(installed):
     subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--prefix", str(installed), "--no-systemd"], check=True,
                    capture_output=True, timeout=900)
     assert tree(installed) == before
+
+
+def install(prefix: Path, systemctl_log: Path) -> list[str]:
+    """Run the installer with a `systemctl` that records its calls; return the calls of this run."""
+    fake = systemctl_log.parent / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {systemctl_log}\n')
+    fake.chmod(0o755)
+    systemctl_log.write_text("")
+    subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--prefix", str(prefix)], check=True, capture_output=True,
+                   timeout=900, env={**os.environ, "ALLDS_SYSTEMCTL": str(fake)})
+    return systemctl_log.read_text().splitlines()
+
+
+def test_installer_restarts_the_service_only_when_something_changed(installed, tmp_path):
+    log, opt = tmp_path / "calls", installed / "opt/allds"
+    unchanged = install(installed, log)
+    assert not [c for c in unchanged if "restart" in c or "daemon-reload" in c or "--now" in c], unchanged
+    (opt / "agent/__init__.py").write_text("# an old version\n")  # code differs from the source
+    assert install(installed, log) == ["try-restart allds-agent.service"]
+    assert (opt / "agent/__init__.py").read_bytes() == (REPO / "agent/__init__.py").read_bytes()
+    (opt / "agent/removed_module.py").write_text("")  # a file the source no longer has
+    assert install(installed, log) == ["try-restart allds-agent.service"]
+    assert not (opt / "agent/removed_module.py").exists()
+    (opt / "venv/.requirements.sha256").write_text("old\n")  # the runtime requirements changed
+    assert install(installed, log) == ["try-restart allds-agent.service"]
+    unit = installed / "etc/systemd/system/allds-agent.service"
+    unit.write_text(unit.read_text().replace("RestartSec=5", "RestartSec=1"))
+    assert install(installed, log) == ["daemon-reload", "try-restart allds-agent.service"]
+    assert install(installed, log) == unchanged
+
+
+def test_installer_enables_and_starts_on_first_install(tmp_path):
+    calls = install(tmp_path / "p", tmp_path / "calls")
+    assert calls == ["daemon-reload", "enable --now allds-agent.service"]
 
 
 def test_runtime_venv_runs_the_shipped_tflite_on_litert_1_4(installed, data_root):
