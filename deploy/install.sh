@@ -65,7 +65,8 @@ done
 if [ ! -x "$OPT/venv/bin/python" ]; then python3 -m venv "$OPT/venv"; changed=1; fi
 want="$(sha256sum "$OPT/requirements-runtime.txt" | cut -d' ' -f1)"
 if [ "$(cat "$OPT/venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
-  "$OPT/venv/bin/pip" install -q --disable-pip-version-check -r "$OPT/requirements-runtime.txt"
+  "$OPT/venv/bin/pip" install -q --disable-pip-version-check --require-hashes --only-binary=:all: \
+    -r "$OPT/requirements-runtime.txt"
   echo "$want" > "$OPT/venv/.requirements.sha256"
   changed=1
 fi

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+from packaging.utils import canonicalize_name
 
 from agent.config import reference
 from model.classifier import DEFAULT_ARTIFACT
@@ -111,6 +112,32 @@ def test_runtime_venv_runs_the_shipped_tflite_on_litert_1_4(installed, data_root
     for name, agreement in report["models"].items():  # the served default must agree on 99 %
         floor = 0.99 if name == DEFAULT_ARTIFACT.parent.name else 0.95
         assert agreement >= floor, f"{name}: int8 agrees with float32 on {agreement:.3f}"
+
+
+def pins(path: Path) -> dict[str, str]:
+    """name -> version of every `name==version` requirement in a requirements file."""
+    found = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"([A-Za-z0-9._-]+)==([^\s;\\]+)", line)
+        if match:
+            found[canonicalize_name(match.group(1))] = match.group(2)
+    return found
+
+
+def test_runtime_lock_pins_every_wheel_by_hash_for_the_pi_and_x86_64():
+    lock = (REPO / "requirements-runtime.txt").read_text()
+    locked, top = pins(REPO / "requirements-runtime.txt"), pins(REPO / "deploy/runtime.in")
+    assert top and all(locked.get(name) == version for name, version in top.items()), "stale lock: deploy/lock_runtime.py"
+    dev = pins(REPO / "requirements.txt")  # development and CI run the versions the Pi runs
+    assert all(dev[name] == version for name, version in top.items() if name in dev)
+    entries = re.findall(r"^[^\s#].*(?:\n[ \t].*)*", lock, re.M)  # a requirement and its indented lines
+    assert len(entries) == len(locked) > len(top)  # the whole closure, not only the top level
+    for entry in entries:
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", entry), entry
+        wheels = re.findall(r"# (\S+\.whl)", entry)
+        pure = any("-none-any" in wheel for wheel in wheels)
+        assert pure or all(any(arch in wheel for wheel in wheels) for arch in ("aarch64", "x86_64")), entry
+    assert "--require-hashes" in (REPO / "deploy/install.sh").read_text()
 
 
 def test_uninstall_keeps_config_unless_purged(installed, tmp_path):
