@@ -5,12 +5,28 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import BASE, REPO, Broker, Client, free_port
 
-PASSWORDS = {"allds-agent": "agent-secret-1", "allds-requester": "requester-secret-2", "stranger": "stranger-3"}
+PASSWORDS = {"allds-agent": "agent-secret-1", "allds-requester": "requester-secret-2", "stranger": "stranger-3",
+             "allds-requester-2": "requester-secret-4", "allds-operator": "operator-secret-5"}
+LIFE_COMMAND = b'{"From": "test", "Type": "Life", "Value": "", "Message": ""}'
+
+
+def site_acl(path: Path, *more_requesters: str) -> Path:
+    """The shipped ACL with further requester accounts, each a copy of the `allds-requester` block
+    (as docs/operations.md tells a site to add one)."""
+    text = (REPO / "deploy/mosquitto/acl").read_text()
+    block = re.search(r"^user allds-requester\n(?:topic .*\n)+", text, re.M).group(0)
+    path.write_text(text + "".join("\n" + block.replace("user allds-requester", f"user {name}") for name in more_requesters))
+    return path
+
+
+def user(port: int, name: str, v5: bool = True) -> Client:
+    return Client(port, v5=v5, username=name, password=PASSWORDS[name])
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +47,18 @@ def secure_broker(tmp_path, certs):
     for user, password in PASSWORDS.items():
         subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
     passwd.chmod(0o600)
+    acl = site_acl(tmp_path / "acl", "allds-requester-2")
     tls = (f"cafile {out / 'ca.crt'}\ncertfile {out / 'broker.crt'}\nkeyfile {out / 'broker.key'}\n"
            "tls_version tlsv1.2\n")
     password_port, cert_port, plain_port = free_port(), free_port(), free_port()
     listeners = "\n".join([
         "per_listener_settings true",
         f"listener {plain_port} 127.0.0.1", "allow_anonymous false", f"password_file {passwd}",
-        f"acl_file {REPO / 'deploy/mosquitto/acl'}",
+        f"acl_file {acl}",
         f"listener {password_port} 127.0.0.1", tls + "allow_anonymous false", f"password_file {passwd}",
-        f"acl_file {REPO / 'deploy/mosquitto/acl'}",
+        f"acl_file {acl}",
         f"listener {cert_port} 127.0.0.1", tls + "require_certificate true", "use_identity_as_username true",
-        f"acl_file {REPO / 'deploy/mosquitto/acl'}",
+        f"acl_file {acl}",
     ])
     broker = Broker(tmp_path / "broker", port=plain_port, listeners=listeners).start()
     broker.tls_port, broker.cert_port = password_port, cert_port
@@ -123,3 +140,55 @@ def test_acl_keeps_other_users_out(secure_broker, start_agent, data_root):
         stranger.expect(f"{BASE}/Diagnosis", 1)  # cannot read the answers
     stranger.close()
     requester.close()
+
+
+@pytest.fixture
+def secure_agent(secure_broker, start_agent):
+    """An agent logged in as allds-agent, ONLINE, its connect-time Life already published."""
+    watcher = user(secure_broker.port, "allds-operator").subscribe(f"{BASE}/#")
+    agent = start_agent(secure_broker.port, env={"P": PASSWORDS["allds-agent"]},
+                        broker={"username": "allds-agent", "password_env": "P"})
+    watcher.expect(f"{BASE}/Status", 20, lambda m: m.payload == b"ONLINE")
+    watcher.expect(f"{BASE}/Life", 10)
+    watcher.close()
+    return agent
+
+
+def test_requester_cannot_command_the_device_operator_can(secure_broker, secure_agent):
+    requester, operator = user(secure_broker.port, "allds-requester"), user(secure_broker.port, "allds-operator")
+    requester.subscribe(f"{BASE}/Life")
+    requester.publish(f"{BASE}/Commands", LIFE_COMMAND)
+    with pytest.raises(AssertionError):
+        requester.expect(f"{BASE}/Life", 3)  # the command never reached the agent
+    assert "command Type=Life" not in secure_agent.log()
+    operator.publish(f"{BASE}/Commands", LIFE_COMMAND)
+    assert "CPU" in requester.expect_json(f"{BASE}/Life", 10)
+    _wait_log(secure_agent, "command Type=Life")
+    requester.close()
+    operator.close()
+
+
+def test_requesters_read_public_answers_and_only_their_own_private_ones(secure_broker, secure_agent, data_root):
+    a, b = user(secure_broker.port, "allds-requester"), user(secure_broker.port, "allds-requester-2")
+    a.subscribe(f"{BASE}/Diagnosis/#")
+    b.subscribe(f"{BASE}/Diagnosis/allds-requester-2/#")
+    image = (data_root / "Benign/WBC-Benign-010.jpg").read_bytes()
+    b.publish(f"{BASE}/Inference", image, response_topic=f"{BASE}/Diagnosis/allds-requester-2/x", correlation=b"b-private")
+    assert "diagnosis" in b.expect_json(f"{BASE}/Diagnosis/allds-requester-2/x", id="b-private")
+    a.publish(f"{BASE}/Inference", image, response_topic=f"{BASE}/Diagnosis/allds-requester/y", correlation=b"a-private")
+    a.publish(f"{BASE}/Inference", image, correlation=b"a-public")
+    seen = []  # everything A's Diagnosis/# subscription delivers until its own two answers arrived
+
+    def own_answer(message) -> bool:
+        seen.append(message)
+        return b"a-p" in message.payload
+
+    for _ in range(2):
+        a.expect(f"{BASE}/Diagnosis/#", 15, own_answer)
+    time.sleep(1)
+    while not a.messages.empty():
+        seen.append(a.messages.get())
+    assert {m.topic for m in seen} >= {f"{BASE}/Diagnosis", f"{BASE}/Diagnosis/allds-requester/y"}
+    assert not [m for m in seen if "allds-requester-2" in m.topic or b"b-private" in m.payload]
+    a.close()
+    b.close()
