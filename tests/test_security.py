@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
+from agent.config import Inference
 from tests.helpers import BASE, REPO, Broker, Client, free_port
 
 PASSWORDS = {"allds-agent": "agent-secret-1", "allds-requester": "requester-secret-2", "stranger": "stranger-3",
@@ -192,3 +195,72 @@ def test_requesters_read_public_answers_and_only_their_own_private_ones(secure_b
     assert not [m for m in seen if "allds-requester-2" in m.topic or b"b-private" in m.payload]
     a.close()
     b.close()
+
+
+def shipped_broker(tmp_path: Path, name: str, certs) -> Broker:
+    """A broker config of deploy/mosquitto/ as shipped, with its files and ports pointed at tmp_path."""
+    out, _ = certs
+    passwd = tmp_path / "passwd"
+    passwd.touch()
+    for login, password in PASSWORDS.items():
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), login, password], check=True)
+    passwd.chmod(0o600)
+    plain, tls, websockets = free_port(), free_port(), free_port()
+    (tmp_path / "www").mkdir()
+    text = (REPO / "deploy/mosquitto" / name).read_text()
+    text = re.sub(r"^http_dir .*$", f"http_dir {tmp_path / 'www'}", text, flags=re.M)
+    files = {"passwd": passwd, "acl": site_acl(tmp_path / "acl"), "ca.crt": out / "ca.crt",
+             "broker.crt": out / "broker.crt", "broker.key": out / "broker.key"}
+    moves = [(f"/etc/mosquitto/allds/{name}", path) for name, path in files.items()]
+    moves += [("/var/lib/mosquitto/", f"{tmp_path}/"), ("listener 1883 127.0.0.1", f"listener {plain} 127.0.0.1"),
+              ("listener 8883", f"listener {tls} 127.0.0.1"), ("listener 1884 127.0.0.1", f"listener {plain} 127.0.0.1"),
+              ("listener 9001 127.0.0.1", f"listener {websockets} 127.0.0.1"),
+              ("listener 9001\n", f"listener {websockets} 127.0.0.1\n")]
+    for shipped, here in moves:
+        text = text.replace(shipped, str(here))
+    settings = [line for line in text.splitlines() if not line.startswith("#")]
+    assert not [line for line in settings if re.search(r"/etc/|/var/|/opt/|listener (1883|1884|8883|9001)\b", line)], text
+    return Broker(tmp_path / "broker", port=plain, listeners=text).start(wait_for=plain)
+
+
+def publish_once(port: int, payload: bytes, v5: bool, login: str | None) -> bool:
+    """Publish a request at QoS 1 on a fresh connection; True if the broker acknowledged it."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+    if login:
+        client.username_pw_set(login, PASSWORDS[login])
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    properties = None
+    if v5:  # a request with the properties a requester sends
+        properties = mqtt.Properties(mqtt.PacketTypes.PUBLISH)
+        properties.ResponseTopic = f"{BASE}/Diagnosis/{login or 'anonymous'}/reply"
+        properties.CorrelationData = b"r" * 64
+    dropped = threading.Event()
+    client.on_disconnect = lambda *args: dropped.set()
+    info = client.publish(f"{BASE}/Inference", payload, qos=1, properties=properties)
+    deadline = time.monotonic() + 10
+    while not (info.is_published() or dropped.is_set()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.loop_stop()
+    client.disconnect()
+    return info.is_published()
+
+
+@pytest.mark.parametrize("conf", ["allds.conf", "demo.conf"])
+def test_shipped_broker_configs_carry_the_largest_request_and_refuse_bigger_packets(tmp_path, certs, conf):
+    """max_packet_size: room for a request of `inference.max_payload_bytes` plus its properties; a
+    bigger packet is refused by the broker, from MQTT 5 and 3.1.1 clients alike."""
+    broker = shipped_broker(tmp_path, conf, certs)
+    requester, device = ("allds-requester", "allds-agent") if conf == "allds.conf" else (None, None)
+    agent = user(broker.port, device) if device else Client(broker.port)
+    agent.subscribe(f"{BASE}/Inference")
+    limit = Inference().max_payload_bytes
+    for v5 in (True, False):
+        assert publish_once(broker.port, bytes(limit), v5, requester)
+        assert len(agent.expect(f"{BASE}/Inference", 10).payload) == limit
+        assert not publish_once(broker.port, bytes(limit + 65 * 1024), v5, requester)
+        with pytest.raises(AssertionError):
+            agent.expect(f"{BASE}/Inference", 2)
+    assert broker.log().count("disconnected due to oversize packet") == 2
+    agent.close()
+    broker.stop()
