@@ -42,8 +42,9 @@ def tree(root: Path) -> dict[str, tuple]:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     prefix = tmp_path_factory.mktemp("prefix")
-    subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--prefix", str(prefix), "--no-systemd"], check=True,
-                   capture_output=True, timeout=900)
+    result = subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--prefix", str(prefix), "--no-systemd"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
     return prefix
 
 
@@ -71,8 +72,9 @@ def install(prefix: Path, systemctl_log: Path) -> list[str]:
     fake.write_text(f'#!/bin/sh\necho "$*" >> {systemctl_log}\n')
     fake.chmod(0o755)
     systemctl_log.write_text("")
-    subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--prefix", str(prefix)], check=True, capture_output=True,
-                   timeout=900, env={**os.environ, "ALLDS_SYSTEMCTL": str(fake)})
+    result = subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--prefix", str(prefix)], capture_output=True,
+                            text=True, timeout=900, env={**os.environ, "ALLDS_SYSTEMCTL": str(fake)})
+    assert result.returncode == 0, result.stderr[-3000:]
     return systemctl_log.read_text().splitlines()
 
 
