@@ -1,6 +1,6 @@
 """Peak memory of the agent under a burst of maximum-size requests, against a real local Mosquitto.
 
-    python bench/memory.py [--reps 3] [--burst 64] [--results bench/RESULTS.md]
+    python bench/memory.py [--reps 3] [--burst 64] [--out bench/RESULTS.md]
 
 For each case a fresh agent (`python -m agent`, the shipped defaults unless the case says otherwise)
 is started, valid images are published at QoS 1, every answer is awaited, and the agent's peak RSS
@@ -15,8 +15,8 @@ is started, valid images are published at QoS 1, every answer is awaited, and th
 *burst* publishes all at once; *window* keeps at most `max_inflight` unanswered, which is what a
 broker that honours the agent's Receive Maximum lets through (the broker check measures whether this
 one does). Cases vary `max_inflight`, `decode_workers` and `max_pixels` to show which limit matters.
-Medians over --reps runs; the bound is the unit's MemoryMax=400M. With --results the Markdown section
-replaces its previous version in that file (the rest is kept).
+Medians over --reps runs; the bound is the unit's MemoryMax=400M. With --out the Markdown section
+`memory` replaces its previous version in that file (bench/report.py; the rest is kept).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent.config import Inference  # noqa: E402
+from bench.report import update_section  # noqa: E402
 from tests.helpers import BASE, MOSQUITTO, Broker, write_config  # noqa: E402
 
 MEMORY_MAX_MIB = 400  # deploy/allds-agent.service: MemoryMax=400M (systemd: M = MiB)
@@ -313,7 +314,7 @@ def render(rows: list[dict], args, most_unacked: int, broker_version: str) -> st
         SECTION, "",
         f"Machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python "
         f"{platform.python_version()}, {broker_version} with `{PACKET_LIMIT}`. Command: `python bench/memory.py "
-        f"--reps {args.reps} --burst {args.burst} --results bench/RESULTS.md`.", "",
+        f"--reps {args.reps} --burst {args.burst} --out bench/RESULTS.md`.", "",
         f"Each run: a fresh agent, {args.burst} valid requests published at QoS 1, all answered; peak RSS = VmHWM of "
         f"the agent process; medians of {args.reps} runs (min-max in brackets). Bound: the unit's `MemoryMax=400M` = "
         f"{MEMORY_MAX_MIB} MiB; margin = bound - peak. Max-size images are exactly `max_payload_bytes` = "
@@ -338,25 +339,13 @@ def render(rows: list[dict], args, most_unacked: int, broker_version: str) -> st
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section in `path` (or append it), keeping everything else."""
-    text = path.read_text() if path.exists() else ""
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-        text = head.rstrip("\n") + "\n\n" + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("ALLDS_DATA", str(REPO.parent / "shared/data/ALL_Aria2021")))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--burst", type=int, default=64, help="requests per burst")
     parser.add_argument("--distinct", type=int, default=16, help="distinct images per kind (the burst cycles them)")
-    parser.add_argument("--results", type=Path, help="write the Markdown section into this file")
+    parser.add_argument("--out", type=Path, help="also write the Markdown section into this file")
     args = parser.parse_args()
     data = Path(args.data)
     sources = [data / p for p in (REPO / "data/aria2021/test.txt").read_text().split()]
@@ -377,8 +366,8 @@ def main() -> None:
     version = subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True).stdout.splitlines()[0]
     section = render(rows, args, most_unacked, version.replace("mosquitto version", "Mosquitto"))
     print(section)
-    if args.results:
-        write_section(args.results, section)
+    if args.out:
+        update_section(args.out, "memory", section)
 
 
 if __name__ == "__main__":

@@ -160,11 +160,12 @@ def secure_agent(secure_broker, start_agent):
 def test_requester_cannot_command_the_device_operator_can(secure_broker, secure_agent):
     requester, operator = user(secure_broker.port, "allds-requester"), user(secure_broker.port, "allds-operator")
     requester.subscribe(f"{BASE}/Life")
-    requester.publish(f"{BASE}/Commands", LIFE_COMMAND)
+    refused = requester.publish(f"{BASE}/Commands", LIFE_COMMAND)
+    assert refused.is_failure and "authorized" in str(refused), refused
     with pytest.raises(AssertionError):
         requester.expect(f"{BASE}/Life", 3)  # the command never reached the agent
     assert "command Type=Life" not in secure_agent.log()
-    operator.publish(f"{BASE}/Commands", LIFE_COMMAND)
+    assert not operator.publish(f"{BASE}/Commands", LIFE_COMMAND).is_failure
     assert "CPU" in requester.expect_json(f"{BASE}/Life", 10)
     _wait_log(secure_agent, "command Type=Life")
     requester.close()
