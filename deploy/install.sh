@@ -55,9 +55,9 @@ for part in agent model config data docs; do
   while read -r f; do
     if ! cmp -s "$SRC/$f" "$OPT/$f"; then install -D -m 644 "$SRC/$f" "$OPT/$f"; changed=1; fi
   done < <(cd "$SRC" && find "$part" -type f ! -path '*/__pycache__/*' ! -name '*.pyc')
-  while read -r f; do
+  while read -r f; do  # model folders the release does not ship (e.g. delivered ones) are kept
     if [ ! -e "$SRC/$f" ]; then rm -f "$OPT/$f"; changed=1; fi
-  done < <(cd "$OPT" && find "$part" -type f ! -path '*/__pycache__/*' ! -name '*.pyc')
+  done < <(cd "$OPT" && find "$part" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' ! -path 'model/artifacts/*')
 done
 for f in requirements-runtime.txt pyproject.toml; do
   cmp -s "$SRC/$f" "$OPT/$f" || { install -m 644 "$SRC/$f" "$OPT/$f"; changed=1; }

@@ -88,6 +88,10 @@ def test_installer_restarts_the_service_only_when_something_changed(installed, t
     (opt / "agent/removed_module.py").write_text("")  # a file the source no longer has
     assert install(installed, log) == ["try-restart allds-agent.service"]
     assert not (opt / "agent/removed_module.py").exists()
+    delivered = opt / "model/artifacts/cellnet@delivered/model_card.json"  # a model the release does not ship
+    delivered.parent.mkdir()
+    delivered.write_text("{}")
+    assert install(installed, log) == unchanged and delivered.exists()
     (opt / "venv/.requirements.sha256").write_text("old\n")  # the runtime requirements changed
     assert install(installed, log) == ["try-restart allds-agent.service"]
     unit = installed / "etc/systemd/system/allds-agent.service"
