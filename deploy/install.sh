@@ -50,7 +50,7 @@ install -d -m 750 -o root -g allds "$ETC"
 changed=0  # code, models, venv: a running service must restart to use them
 # Code, shipped models and docs: copied only when they differ, files the checkout no longer has removed,
 # so a second run changes nothing.
-for part in agent model config data docs; do
+for part in agent model config data docs console/www; do
   mkdir -p "$OPT/$part"
   while read -r f; do
     if ! cmp -s "$SRC/$f" "$OPT/$f"; then install -D -m 644 "$SRC/$f" "$OPT/$f"; changed=1; fi
@@ -70,6 +70,17 @@ if [ "$(cat "$OPT/venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$OPT/venv/.requirements.sha256"
   changed=1
 fi
+# The agent's only writable place (the unit's StateDirectory): the shipped models are seeded into
+# models/, where Reload finds them by name and signed deliveries are installed beside them.
+STATE="$prefix/var/lib/allds"
+install -d -m 700 -o allds -g allds "$STATE" "$STATE/models"
+while read -r f; do
+  target="$STATE/models/${f#model/artifacts/}"
+  if ! cmp -s "$SRC/$f" "$target"; then
+    install -d -m 755 -o allds -g allds "$(dirname "$target")"
+    install -m 644 -o allds -g allds "$SRC/$f" "$target"; changed=1
+  fi
+done < <(cd "$SRC" && find model/artifacts -mindepth 2 -type f)
 [ -f "$ETC/agent.yaml" ] || install -m 640 -o root -g allds "$SRC/config/agent.yaml" "$ETC/agent.yaml"
 # The MQTT password: readable by the service (group allds), writable by root only.
 [ -f "$ETC/secret" ] || install -m 640 -o root -g allds /dev/null "$ETC/secret"

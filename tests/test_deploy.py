@@ -60,6 +60,10 @@ def test_installer_lays_out_files_and_is_idempotent(installed):
     assert (pwd.getpwuid(secret.st_uid).pw_name, grp.getgrgid(secret.st_gid).gr_name) == ("root", "allds")
     assert (installed / "etc/systemd/system/allds-agent.service").read_text() == \
         (REPO / "deploy/allds-agent.service").read_text()
+    seeded = installed / "var/lib/allds/models/cellnet/cellnet_int8.tflite"  # where Reload and deliveries look
+    assert seeded.read_bytes() == (REPO / "model/artifacts/cellnet/cellnet_int8.tflite").read_bytes()
+    assert pwd.getpwuid((installed / "var/lib/allds").stat().st_uid).pw_name == "allds"
+    assert (opt / "console/www/index.html").exists()  # the site broker's http_dir
     (etc / "agent.yaml").write_text("hias: {name: site-edited}\n")  # an operator's edit is kept
     before = tree(installed)
     subprocess.run(["bash", str(REPO / "deploy/install.sh"), "--prefix", str(installed), "--no-systemd"], check=True,
