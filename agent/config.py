@@ -133,10 +133,15 @@ class Inference:
     max_payload_bytes: int = key(10 * 1024 * 1024, "Largest request payload accepted; the MQTT 5 Maximum Packet Size "
                                                     "the agent announces is this plus 64 KiB.", minimum=1,
                                  maximum=MAX_MQTT_PACKET - 65536)
-    max_pixels: int = key(50_000_000, "Largest image (width x height, read from the header) accepted.", minimum=1)
+    max_pixels: int = key(12_000_000, "Largest image (width x height, read from the header) accepted; formats "
+                                      "without a reduced decode (PNG, TIFF) cost 3 bytes a pixel per decode worker "
+                                      "(bench/memory.py).", minimum=1)
     min_side_px: int = key(8, "Smallest image side accepted.", minimum=1)
     max_aspect_ratio: float = key(20.0, "Largest long/short side ratio accepted.", minimum=1)
-    max_inflight: int = key(32, "Requests held at once (MQTT 5 Receive Maximum); bounds memory.", minimum=1, maximum=65535)
+    max_inflight: int = key(8, "Requests held at once (MQTT 5 Receive Maximum). The agent also holds at most this "
+                               "many times `max_payload_bytes` of request payloads, whatever the broker lets through "
+                               "(Mosquitto 2.0.11 exceeds Receive Maximum): more is answered `busy`.", minimum=1,
+                            maximum=65535)
     max_batch: int = key(8, "Largest micro-batch.", minimum=1)
     batch_wait_ms: float = key(2.0, "Longest wait for more requests to join a batch while others are still decoding.", minimum=0)
     decode_workers: int = key(2, "Threads that decode and preprocess images.", minimum=1)

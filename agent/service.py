@@ -85,6 +85,8 @@ class ClassificationService:
         self._ready: queue.Queue[Job] = queue.Queue()
         self._lock = threading.Lock()
         self._open = 0  # accepted and not yet acknowledged
+        self._held = 0  # their payload bytes
+        self._held_limit = inf.max_inflight * inf.max_payload_bytes
         self._decoding = 0
         self._inferring_since: float | None = None
         self._last_beat = time.monotonic()
@@ -164,12 +166,14 @@ class ClassificationService:
         with self._lock:
             self._open += 1
             self._decoding += 1
+            self._held += len(image)
         try:
             self._decoder.submit(self._decode, job)
         except RuntimeError:
             with self._lock:
                 self._open -= 1
                 self._decoding -= 1
+                self._held -= len(image)
             return False
         return True
 
@@ -221,16 +225,27 @@ class ClassificationService:
         if not self._accepting.is_set():
             return  # not acknowledged: the broker redelivers it to the next session
         self.counters.add("requests")
-        with self._lock:
-            self._open += 1
-            self._decoding += 1
         job = Job(message, time.perf_counter())
+        with self._lock:
+            busy = self._open and self._held + len(message.payload) > self._held_limit
+            if not busy:
+                self._open += 1
+                self._decoding += 1
+                self._held += len(message.payload)
+        if busy:  # the broker let more through than we can hold: answered and acknowledged, never dropped
+            self._send_error(message, "busy", f"the agent holds {self._held_limit} bytes of requests already; "
+                             "send it again later", None, dict(getattr(message.properties, "UserProperty", None) or
+                                                               []).get("name"), on_acked=lambda _: self.session.ack(message))
+            if self.metrics:
+                self.metrics.answered("busy", time.perf_counter() - job.received)
+            return
         try:
             self._decoder.submit(self._decode, job)
         except RuntimeError:  # the pool shut down under us: leave it for redelivery
             with self._lock:
                 self._open -= 1
                 self._decoding -= 1
+                self._held -= len(message.payload)
 
     def _decode(self, job: Job) -> None:
         start = time.perf_counter()
@@ -395,6 +410,7 @@ class ClassificationService:
         self.session.ack(job.message)
         with self._lock:
             self._open -= 1
+            self._held -= len(job.message.payload)
 
     # ---- commands ----------------------------------------------------------------------
     def _on_command(self, message: Inbound) -> None:
