@@ -9,6 +9,7 @@ message is acknowledged, so no message can stop the agent or come back to do it 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -233,9 +234,10 @@ class ClassificationService:
                 self._decoding += 1
                 self._held += len(message.payload)
         if busy:  # the broker let more through than we can hold: answered and acknowledged, never dropped
-            self._send_error(message, "busy", f"the agent holds {self._held_limit} bytes of requests already; "
+            unheld = dataclasses.replace(message, payload=b"")  # the payload is not kept while the answer goes out
+            self._send_error(unheld, "busy", f"the agent holds {self._held_limit} bytes of requests already; "
                              "send it again later", None, dict(getattr(message.properties, "UserProperty", None) or
-                                                               []).get("name"), on_acked=lambda _: self.session.ack(message))
+                                                               []).get("name"), on_acked=lambda _: self.session.ack(unheld))
             if self.metrics:
                 self.metrics.answered("busy", time.perf_counter() - job.received)
             return
