@@ -1,4 +1,4 @@
-"""`python -m model {split,train,evaluate,classify,baseline}`."""
+"""`python -m model {split,twins,stains,train,evaluate,classify,baseline,results}`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,33 @@ def cmd_split(args: argparse.Namespace) -> None:
     files = data.write_splits(dataset, samples, data.split_indices(samples, groups, args.seed))
     for name, path in files.items():
         print(f"{name}: {len(data.read_list(path))} images -> {path}")
+
+
+def cmd_twins(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from model import twins
+
+    root = data.data_root(args.data)
+    dataset, samples = data.load_dataset(root)
+    cache = Path(args.scores)
+    if cache.exists():
+        scores = np.load(cache)
+    else:
+        scores = twins.score_matrix([twins.grey_field(root / s.path) for s in samples], args.workers)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, scores)
+    pairs = twins.twin_pairs(scores)
+    out = data.split_dir(dataset) / twins.TWINS_FILE
+    twins.write_twins(out, samples, pairs, "python -m model twins")
+    print(f"{len(pairs)} twin pairs (NCC >= {twins.TWIN_NCC}) -> {out}; score matrix {cache}")
+
+
+def cmd_stains(args: argparse.Namespace) -> None:
+    from model import stains
+
+    path = stains.write_bccd_statistics(stains.bccd_statistics(Path(args.bccd)))
+    print(f"Lab statistics of {len(stains.read_bccd_statistics(path))} BCCD fields -> {path}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -141,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--seed", type=int, default=42)
     p = sub.add_parser("split", parents=[common], help="write the leakage-free train/val/test lists")
     p.set_defaults(func=cmd_split)
+    p = sub.add_parser("twins", parents=[common], help="find field twins (translation-tolerant matching), write the list")
+    p.add_argument("--scores", default="runs/twins/scores.npy", help="score matrix cache (computed when absent)")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_twins)
+    p = sub.add_parser("stains", help="compute the stain protocol's BCCD Lab statistics (committed file)")
+    p.add_argument("--bccd", required=True, help="BCCD data set root (JPEGImages/ inside)")
+    p.set_defaults(func=cmd_stains)
     p = sub.add_parser("train", parents=[common], help="train, export and evaluate one network")
     p.add_argument("--arch", choices=["allds2020", "cellnet"], required=True)
     p.add_argument("--epochs", type=int)
