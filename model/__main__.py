@@ -1,4 +1,4 @@
-"""`python -m model {split,twins,stains,train,evaluate,classify,baseline,results}`."""
+"""`python -m model {split,twins,grouped-split,cv,protocol,stains,train,evaluate,classify,baseline,results}`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,36 @@ def cmd_twins(args: argparse.Namespace) -> None:
     print(f"{len(pairs)} twin pairs (NCC >= {twins.TWIN_NCC}) -> {out}; score matrix {cache}")
 
 
+def cmd_grouped_split(args: argparse.Namespace) -> None:
+    from model.grouped import make_grouped_split
+
+    report = make_grouped_split(data.data_root(args.data), args.seed, Path(args.plot))
+    print(json.dumps(report, indent=2))
+
+
+def cmd_cv(args: argparse.Namespace) -> None:
+    from model.cv import cross_validate
+
+    only = set(args.only.split(",")) if args.only else None
+    result = cross_validate(data.data_root(args.data), args.arch, args.folds, args.repeats, args.seed, args.epochs,
+                            Path(args.out) if args.out else None, only)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_protocol(args: argparse.Namespace) -> None:
+    from model.protocol import evaluate_artifact, table
+
+    root = data.data_root(args.data)
+    results = {}
+    for folder in args.artifact or [str(DEFAULT_ARTIFACT.parent)]:
+        result = evaluate_artifact(_artifact_dir(folder), root, args.split, args.part)
+        out = _artifact_dir(folder) / f"protocol_{args.split or 'per_image'}_{args.part}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        results[_artifact_dir(folder).name] = result
+    print(table(results, "int8"))
+    print(table(results, "float32"))
+
+
 def cmd_stains(args: argparse.Namespace) -> None:
     from model import stains
 
@@ -60,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     root = data.data_root(args.data)
     out = train(root, args.arch, args.epochs, args.seed, args.classes, Path(args.out) if args.out else None,
-                args.limit)
+                args.limit, args.split)
     metrics = evaluate_artifacts(out, root, args.seed)
     _store(out, {"baseline": run_baseline(root, args.seed)})
     print(json.dumps(metrics, indent=2))
@@ -172,11 +202,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scores", default="runs/twins/scores.npy", help="score matrix cache (computed when absent)")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_twins)
+    p = sub.add_parser("grouped-split", parents=[common],
+                       help="write the grouped split (duplicates, field twins, capture blocks) and its plot")
+    p.add_argument("--plot", default="docs/capture_blocks.png", help="PNG of the capture-block analysis")
+    p.set_defaults(func=cmd_grouped_split)
+    p = sub.add_parser("cv", parents=[common], help="repeated grouped k-fold CV of a recipe (resumable per fold)")
+    p.add_argument("--arch", required=True, help="training recipe (model.train.RECIPES)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--epochs", type=int, help="override the recipe's budget (trials; results go elsewhere)")
+    p.add_argument("--out", help="folder of the per-fold results (default runs/cv/RECIPE)")
+    p.add_argument("--only", help="comma-separated repeat-fold ids to run, e.g. 0-0,0-1")
+    p.set_defaults(func=cmd_cv)
+    p = sub.add_parser("protocol", parents=[common], help="score artifacts under the stain protocol")
+    p.add_argument("--artifact", action="append", help="artifact folder (repeatable; default: the served model)")
+    p.add_argument("--split", default="grouped", help="split sub-folder ('' = the per-image split)")
+    p.add_argument("--part", default="test", choices=["train", "val", "test"])
+    p.set_defaults(func=cmd_protocol)
     p = sub.add_parser("stains", help="compute the stain protocol's BCCD Lab statistics (committed file)")
     p.add_argument("--bccd", required=True, help="BCCD data set root (JPEGImages/ inside)")
     p.set_defaults(func=cmd_stains)
     p = sub.add_parser("train", parents=[common], help="train, export and evaluate one network")
-    p.add_argument("--arch", choices=["allds2020", "cellnet"], required=True)
+    p.add_argument("--arch", required=True, help="training recipe: allds2020, cellnet, cellnet_stain, cellnet_value")
+    p.add_argument("--split", default="", help="split sub-folder of data/<set>/ ('grouped'; default the per-image split)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--classes", choices=["binary", "subtype"], default="binary")
     p.add_argument("--out", help="artifact folder (default model/artifacts/NAME)")

@@ -55,7 +55,8 @@ def evaluate_artifacts(out_dir: Path, root: Path, seed: int = 42) -> dict:
     card_path = out_dir / CARD_NAME
     card = json.loads(card_path.read_text())
     dataset, samples = data.load_dataset(root)
-    test = data.load_splits(dataset, samples, seed)["test"]
+    split = Path(card["data"]["splits"]["test"]["file"]).parent.relative_to(data.split_dir(dataset).relative_to(data.REPO))
+    test = data.load_splits(dataset, samples, seed, str(split))["test"]
     labels = np.array([s.label for s in test])
     images = data.load_images(root, test, int(card["input_size"]))
     metrics: dict = {"test_images": len(test)}
@@ -105,11 +106,11 @@ def _plots(out_dir: Path, card: dict, labels: np.ndarray, p_all: np.ndarray, dec
 def cross_validate(root: Path, arch: str, folds: int, seed: int, epochs: int | None = None) -> dict:
     """Stratified, duplicate-grouped k-fold CV of one recipe: mean and sd of each metric."""
     from model.networks import INPUT_SIZES
-    from model.train import choose_threshold, fit, p_all
+    from model.train import architecture, choose_threshold, fit, p_all
 
     dataset, samples = data.load_dataset(root)
     groups = data.duplicate_groups(samples, data.duplicate_pairs(root))
-    images = data.load_images(root, samples, INPUT_SIZES[arch])
+    images = data.load_images(root, samples, INPUT_SIZES[architecture(arch)])
     labels = np.array([s.label for s in samples])
     per_fold = []
     for k, test_idx in enumerate(data.grouped_folds(samples, groups, folds, seed)):
