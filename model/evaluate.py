@@ -70,10 +70,38 @@ def evaluate_artifacts(out_dir: Path, root: Path, seed: int = 42) -> dict:
         p_all[kind] = clf.p_all(predict(clf, images))
     metrics["int8_agreement"] = {m: float(np.mean(decisions["float32", m] == decisions["int8", m]))
                                  for m in STRESS_MODES}
+    if len(card["classes"]) > 2:
+        clf = Classifier.load(out_dir / card["artifacts"]["int8"]["file"])
+        metrics["subtype"] = subtype_report(out_dir, card, [s.subtype for s in test], predict(clf, images))
     card["metrics"] = {**card.get("metrics", {}), **metrics}
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     _plots(out_dir, card, labels, p_all["int8"], decisions["int8", "colour"])
     return card["metrics"]
+
+
+def subtype_report(out_dir: Path, card: dict, subtypes: list[str], probabilities: np.ndarray) -> dict:
+    """Per-class recall (Wilson 95 %) and precision of a multi-class head, and its confusion matrix PNG."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    from model.metrics import wilson_interval
+
+    names = card["classes"]
+    truth = np.array([names.index(s) for s in subtypes])
+    predicted = probabilities.argmax(1)
+    matrix = confusion_matrix(truth, predicted, labels=range(len(names)))
+    per_class = {}
+    for k, name in enumerate(names):
+        n, hits, called = int(matrix[k].sum()), int(matrix[k, k]), int(matrix[:, k].sum())
+        per_class[name] = {"n": n, "recall": hits / n if n else float("nan"), "recall_ci": wilson_interval(hits, n),
+                           "precision": hits / called if called else float("nan")}
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=ax, colorbar=False)
+    ax.set_title(f"{card['name']} int8, test split (argmax)")
+    fig.savefig(out_dir / "confusion_subtype.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return {"accuracy": float(np.mean(truth == predicted)),
+            "balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
+            "confusion": matrix.tolist(), "per_class": per_class}
 
 
 def _plots(out_dir: Path, card: dict, labels: np.ndarray, p_all: np.ndarray, decisions: np.ndarray) -> None:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from model import data
 from model.twins import TWINS_FILE, read_twins
@@ -133,27 +132,51 @@ def group_pairs(root: Path, samples: list[data.Sample], blocks: dict[str, list[s
     return data.duplicate_pairs(root) + twins + chains
 
 
-def grouped_folds(samples: list[data.Sample], groups: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray]:
-    """Folds stratified by subtype (so each holds Early pre-B and Benign), grouped, seeded."""
+def balanced_parts(samples: list[data.Sample], groups: np.ndarray, fractions: list[float], seed: int,
+                   tries: int = 2000) -> list[np.ndarray]:
+    """Whole groups into parts of the given shares, separately per subtype (groups here never mix subtypes).
+
+    Groups are large (a few hundred images at most), so a stratified k-fold splitter misses the
+    shares badly. Per subtype, `tries` seeded orders of its groups are dealt out, each group to the
+    part furthest below its share, and the order closest to the shares (squared error) is kept;
+    among equally close ones, the one whose last part (the test part) and then whose sparsest part
+    holds the most groups (more independent units to estimate from).
+    """
+    rng = np.random.default_rng(seed)
     subtypes = np.array([s.subtype for s in samples])
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    return [test for _, test in splitter.split(np.zeros(len(samples)), subtypes, groups)]
+    parts: list[list[int]] = [[] for _ in fractions]
+    for subtype in dict.fromkeys(subtypes.tolist()):
+        ids, sizes = np.unique(groups[subtypes == subtype], return_counts=True)
+        targets = np.array(fractions) * sizes.sum()
+        best, best_error = None, (np.inf, 0)
+        for _ in range(tries):
+            filled, owner = np.zeros(len(fractions)), {}
+            for k in rng.permutation(len(ids)):
+                part = int(np.argmax(targets - filled))
+                filled[part] += sizes[k]
+                owner[ids[k]] = part
+            counts = np.bincount(list(owner.values()), minlength=len(fractions))
+            error = (float(np.sum((filled - targets) ** 2)), -counts[-1], -counts.min())
+            if error < best_error:
+                best, best_error = owner, error
+        for i in np.nonzero(subtypes == subtype)[0]:
+            parts[best[groups[i]]].append(int(i))
+    return [np.array(sorted(p), dtype=int) for p in parts]
 
 
 def split_indices(samples: list[data.Sample], groups: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """About 70/15/15 train/val/test by group: 20 grouped folds, 3 to test, 3 to validation."""
-    folds = grouped_folds(samples, groups, 20, seed)
-    return {"test": np.sort(np.concatenate(folds[:3])), "val": np.sort(np.concatenate(folds[3:6])),
-            "train": np.sort(np.concatenate(folds[6:]))}
+    """70/15/15 train/val/test by whole groups, balanced per subtype."""
+    train, val, test = balanced_parts(samples, groups, [0.70, 0.15, 0.15], seed)
+    return {"train": train, "val": val, "test": test}
 
 
 def cv_indices(samples: list[data.Sample], groups: np.ndarray, n_folds: int, repeat_seed: int) -> list[dict[str, np.ndarray]]:
     """Grouped k-fold: each fold's test part, and its train/validation parts (1/6 of the rest, grouped)."""
     out = []
-    for k, test in enumerate(grouped_folds(samples, groups, n_folds, repeat_seed)):
+    for k, test in enumerate(balanced_parts(samples, groups, [1 / n_folds] * n_folds, repeat_seed)):
         rest = np.setdiff1d(np.arange(len(samples)), test)
-        val = rest[grouped_folds([samples[i] for i in rest], groups[rest], 6, repeat_seed + 1000 + k)[0]]
-        out.append({"train": np.setdiff1d(rest, val), "val": np.sort(val), "test": np.sort(test)})
+        train, val = balanced_parts([samples[i] for i in rest], groups[rest], [5 / 6, 1 / 6], repeat_seed + 1000 + k)
+        out.append({"train": rest[train], "val": rest[val], "test": test})
     return out
 
 

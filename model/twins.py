@@ -23,7 +23,10 @@ from model import data
 
 FIELD_SIZE = 224
 CROP = 112  # template side; the search covers the whole other image, i.e. shifts of ±(224 - 112) / 2
-TWIN_NCC = 0.90
+# The issue that asked for this matcher used 0.90. Every pair scoring 0.80-0.90 (16) was checked by
+# eye and shows one field, shifted; the first pair of two class folders (so necessarily not one
+# field) scores 0.775, and 99.99 % of all pairs score below 0.57.
+TWIN_NCC = 0.80
 TWINS_FILE = "field_twins.txt"
 
 
