@@ -43,7 +43,8 @@ def cmd_twins(args: argparse.Namespace) -> None:
     pairs = twins.twin_pairs(scores)
     out = data.split_dir(dataset) / twins.TWINS_FILE
     twins.write_twins(out, samples, pairs, "python -m model twins")
-    print(f"{len(pairs)} twin pairs (NCC >= {twins.TWIN_NCC}) -> {out}; score matrix {cache}")
+    twins.plot_scores(scores, Path(args.plot))
+    print(f"{len(pairs)} twin pairs (NCC >= {twins.TWIN_NCC}) -> {out}; score matrix {cache}; histogram {args.plot}")
 
 
 def cmd_grouped_split(args: argparse.Namespace) -> None:
@@ -54,8 +55,14 @@ def cmd_grouped_split(args: argparse.Namespace) -> None:
 
 
 def cmd_cv(args: argparse.Namespace) -> None:
-    from model.cv import cross_validate
+    from model.cv import cross_validate, trial
 
+    if args.trial:
+        result = trial(data.data_root(args.data), args.arch, args.epochs, args.seed, Path(args.out) if args.out else None)
+        print(json.dumps({"val_auc": result["best_val_auc"], "epochs_run": result["epochs_run"],
+                          **{v: {k: m["seed0"][k] for k in ("balanced_accuracy", "roc_auc", "early_sensitivity")}
+                             for v, m in result["protocol"].items()}}, indent=2))
+        return
     only = set(args.only.split(",")) if args.only else None
     result = cross_validate(data.data_root(args.data), args.arch, args.folds, args.repeats, args.seed, args.epochs,
                             Path(args.out) if args.out else None, only)
@@ -201,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("twins", parents=[common], help="find field twins (translation-tolerant matching), write the list")
     p.add_argument("--scores", default="runs/twins/scores.npy", help="score matrix cache (computed when absent)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--plot", default="docs/field_twin_scores.png", help="PNG histogram of all pair scores")
     p.set_defaults(func=cmd_twins)
     p = sub.add_parser("grouped-split", parents=[common],
                        help="write the grouped split (duplicates, field twins, capture blocks) and its plot")
@@ -213,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="override the recipe's budget (trials; results go elsewhere)")
     p.add_argument("--out", help="folder of the per-fold results (default runs/cv/RECIPE)")
     p.add_argument("--only", help="comma-separated repeat-fold ids to run, e.g. 0-0,0-1")
+    p.add_argument("--trial", action="store_true",
+                   help="one run on the grouped split instead, scored on its validation part (runs/trials/)")
     p.set_defaults(func=cmd_cv)
     p = sub.add_parser("protocol", parents=[common], help="score artifacts under the stain protocol")
     p.add_argument("--artifact", action="append", help="artifact folder (repeatable; default: the served model)")

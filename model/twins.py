@@ -95,3 +95,22 @@ def read_twins(path: Path) -> list[tuple[str, str]]:
     if not path.exists():
         return []
     return [(f[0], f[1]) for f in (ln.split() for ln in data.read_list(path)) if len(f) >= 2]
+
+
+def plot_scores(scores: np.ndarray, path: Path, threshold: float = TWIN_NCC) -> None:
+    """Histogram (log counts) of the symmetric score of every pair, with the twin threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sym = np.maximum(scores, scores.T).astype(np.float32)[np.triu_indices(len(scores), 1)]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(sym, bins=np.linspace(0, 1, 101), log=True)
+    ax.axvline(threshold, color="C3", label=f"twin threshold {threshold}")
+    ax.set_xlabel("peak NCC (112 px centre crop within the other image)")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"All {len(sym):,} pairs of images; {int((sym >= threshold).sum())} at or above the threshold")
+    ax.legend()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
