@@ -37,9 +37,16 @@ def cellnet(n_classes: int = 2, input_size: int = 128, dropout: float = 0.3, col
 
     `colour_input="value"` feeds the network max(R, G, B) only (HSV value), which no hue turn or
     saturation change alters: stain-hue invariance by construction instead of by augmentation.
+    `colour_input="standardised"` gives each image's channels mean 0 and sd 1, so a global change of
+    a channel's level or contrast (another stain batch, lamp or camera) does not reach the network.
     """
     inputs = keras.Input((input_size, input_size, 3))
-    x = ops.max(inputs, axis=-1, keepdims=True) if colour_input == "value" else inputs
+    x = inputs
+    if colour_input == "value":
+        x = ops.max(inputs, axis=-1, keepdims=True)
+    elif colour_input == "standardised":
+        mean = ops.mean(inputs, axis=(1, 2), keepdims=True)
+        x = (inputs - mean) / ops.sqrt(ops.mean(ops.square(inputs - mean), axis=(1, 2), keepdims=True) + 1e-4)
     x = _conv_bn_relu(x, 24, strides=2)  # 64x64
     for filters in (32, 64, 112, 160):  # 64 -> 32 -> 16 -> 8 -> 4
         x = _conv_bn_relu(x, filters)
@@ -54,5 +61,6 @@ def cellnet(n_classes: int = 2, input_size: int = 128, dropout: float = 0.3, col
 
 
 ARCHITECTURES = {"allds2020": allds2020, "cellnet": cellnet,
-                 "cellnet_value": functools.partial(cellnet, colour_input="value")}
-INPUT_SIZES = {"allds2020": 100, "cellnet": 128, "cellnet_value": 128}
+                 "cellnet_value": functools.partial(cellnet, colour_input="value"),
+                 "cellnet_standardised": functools.partial(cellnet, colour_input="standardised")}
+INPUT_SIZES = {"allds2020": 100, "cellnet": 128, "cellnet_value": 128, "cellnet_standardised": 128}

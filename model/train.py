@@ -53,6 +53,10 @@ RECIPES = {
     "cellnet_stain": Recipe(learning_rate=1e-3, weight_decay=1e-4, epochs=60, patience=20, architecture="cellnet",
                             colour=ColourAugmentation(hue_deg=180.0, saturation=(0.3, 1.7), optical_density=0.3,
                                                       lab_statistics=0.5, grayscale_first=True)),
+    # Blind to each channel's global level and contrast by construction, with cellnet_stain's jitter.
+    "cellnet_standardised": Recipe(learning_rate=1e-3, weight_decay=1e-4, epochs=60, patience=20,
+                                   colour=ColourAugmentation(hue_deg=180.0, saturation=(0.3, 1.7), optical_density=0.3,
+                                                             lab_statistics=0.5, grayscale_first=True)),
     # Hue-blind by construction: the network sees max(R, G, B); optical density, Lab statistics, grayscale.
     "cellnet_value": Recipe(learning_rate=1e-3, weight_decay=1e-4, epochs=60, patience=20,
                             colour=ColourAugmentation(hue_deg=0.0, saturation=(1.0, 1.0), optical_density=0.3,
