@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.utils.class_weight import compute_class_weight
 from tqdm.keras import TqdmCallback
 
-from model import data
+from model import data, stains
 from model.augment import ColourAugmentation, RandomLabStatistics, build_augmenter
 from model.classifier import file_sha256
 from model.export import export, flops, library_versions, write_card
@@ -128,10 +128,16 @@ def fit(recipe_name: str, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         train_ds = train_ds.map(lambda x, y: (tf.ensure_shape(tf.numpy_function(lab, [x], tf.float32), x.shape), y))
     train_ds = train_ds.map(lambda x, y: (augmenter(x, training=True), y)).prefetch(2)
     weights = compute_class_weight("balanced", classes=np.arange(n_classes), y=y_train)
+    x_watch, y_watch = x_val, (y_val != 0).astype(int)
+    if recipe.colour and recipe.colour.hue_deg >= 180.0:
+        # Trained on every hue: pick the epoch on validation images as they are and with their hue
+        # turned at random (seeded), not on the untouched ones alone, where the AUC saturates early.
+        x_watch = np.concatenate([x_val, stains.apply_variant(x_val, "hue_full", seed)])
+        y_watch = np.concatenate([y_watch, y_watch])
     history = model.fit(
         train_ds, validation_data=(x_val, y_val), epochs=epochs, verbose=0,
         class_weight=dict(enumerate(weights.tolist())),
-        callbacks=[ValidationAUC(x_val, (y_val != 0).astype(int)),
+        callbacks=[ValidationAUC(x_watch, y_watch),
                    keras.callbacks.EarlyStopping("val_auc", mode="max", patience=recipe.patience,
                                                  restore_best_weights=True),
                    TqdmCallback(verbose=1)],
@@ -192,7 +198,11 @@ def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, ou
                                 "sha256": file_sha256(p)} for k, p in split_files.items() if p.exists()}},
         "training": {"command": "python -m model " + shlex.join(sys.argv[1:]), "seed": seed,
                      "recipe": dataclasses.asdict(RECIPES[arch]), "epochs_run": len(history["loss"]),
-                     "best_val_auc": max(history["val_auc"]), "libraries": library_versions()},
+                     "best_val_auc": max(history["val_auc"]),
+                     "epoch_selection": "best validation ROC AUC of P(ALL)" + (
+                         ", validation images as they are and with a random hue turn"
+                         if RECIPES[arch].colour and RECIPES[arch].colour.hue_deg >= 180.0 else ""),
+                     "libraries": library_versions()},
     }
     write_card(out_dir, card, paths)
     return out_dir
