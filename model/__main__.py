@@ -66,6 +66,8 @@ def cmd_cv(args: argparse.Namespace) -> None:
     only = set(args.only.split(",")) if args.only else None
     result = cross_validate(data.data_root(args.data), args.arch, args.folds, args.repeats, args.seed, args.epochs,
                             Path(args.out) if args.out else None, only)
+    if args.store:
+        (Path(args.store) / "cv_grouped.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
@@ -151,8 +153,45 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> None:
-    """The README's results table, from the committed model cards."""
-    print(results_table(sorted(DEFAULT_ARTIFACT.parent.parent.glob(f"*/{CARD_NAME}"))))
+    """The README's results tables, from the committed model cards and protocol results."""
+    folders = sorted(p.parent for p in DEFAULT_ARTIFACT.parent.parent.glob(f"*/{CARD_NAME}"))
+    print(grouped_table(folders))
+    print()
+    print(results_table([f / CARD_NAME for f in folders]))
+
+
+def grouped_table(folders: list[Path]) -> str:
+    """Grouped test split (int8, with Wilson intervals) and grouped CV, one row per binary model."""
+    from model.protocol import with_ci
+    from model.stains import VARIANTS
+
+    rows = ["| model (grouped split) | test: balanced acc. | sensitivity (95 % CI) | specificity (95 % CI) | ROC AUC | "
+            "Early pre-B sensitivity (95 % CI) | worst stain variant: bal. acc. / AUC | int8 = float32 | "
+            "test images seen in training | grouped 5-fold CV: bal. acc. | CV AUC | CV worst variant bal. acc. |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for folder in folders:
+        path = folder / "protocol_grouped_test.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        m = r["int8"]["colour"]["seed0"]
+        worst = min(VARIANTS, key=lambda v: r["int8"][v]["seed0"]["balanced_accuracy"])
+        w = r["int8"][worst]["seed0"]
+        cv_path = folder / "cv_grouped.json"
+        cv_cells = "– | – | –"
+        if cv_path.exists():
+            cv = json.loads(cv_path.read_text())
+            cv_worst = min(VARIANTS, key=lambda v: cv[v]["balanced_accuracy"]["mean"])
+            cv_cells = (f"{cv['colour']['balanced_accuracy']['mean']:.3f} ± {cv['colour']['balanced_accuracy']['sd']:.3f} "
+                        f"({cv['folds']} folds) | {cv['colour']['roc_auc']['mean']:.4f} ± {cv['colour']['roc_auc']['sd']:.4f} | "
+                        f"{cv[cv_worst]['balanced_accuracy']['mean']:.3f} ± {cv[cv_worst]['balanced_accuracy']['sd']:.3f} "
+                        f"({cv_worst})")
+        served = " (served default)" if folder == DEFAULT_ARTIFACT.parent else ""
+        rows.append(f"| `{folder.name}` int8{served} | {m['balanced_accuracy']:.3f} | {with_ci(m, 'sensitivity')} | "
+                    f"{with_ci(m, 'specificity')} | {m['roc_auc']:.4f} | {with_ci(m, 'early_sensitivity')} | "
+                    f"{w['balanced_accuracy']:.3f} / {w['roc_auc']:.3f} ({worst}) | {r['int8_agreement']['all']:.4f} | "
+                    f"{r['test_images_in_training']} of {r['images']} | {cv_cells} |")
+    return "\n".join(rows)
 
 
 def results_table(cards: list[Path]) -> str:
@@ -221,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="override the recipe's budget (trials; results go elsewhere)")
     p.add_argument("--out", help="folder of the per-fold results (default runs/cv/RECIPE)")
     p.add_argument("--only", help="comma-separated repeat-fold ids to run, e.g. 0-0,0-1")
+    p.add_argument("--store", help="artifact folder to copy the summary into (cv_grouped.json)")
     p.add_argument("--trial", action="store_true",
                    help="one run on the grouped split instead, scored on its validation part (runs/trials/)")
     p.set_defaults(func=cmd_cv)

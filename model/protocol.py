@@ -115,7 +115,7 @@ def evaluate_artifact(folder: Path, root: Path, split: str = "grouped", part: st
     return result
 
 
-def _with_ci(m: dict, key: str) -> str:
+def with_ci(m: dict, key: str) -> str:
     low, high = m[key + "_ci"]
     return f"{m[key]:.3f} ({low:.3f}–{high:.3f})"
 
@@ -132,6 +132,6 @@ def table(results: dict[str, dict], kind: str = "int8") -> str:
                       if v in stains.RANDOM_VARIANTS else "")
             auc_min = f" ({seeds['roc_auc']['min']:.3f})" if v in stains.RANDOM_VARIANTS else ""
             rows.append(f"| `{name}` {kind} | {v} | {r['coverage'][v]} | {m['balanced_accuracy']:.3f}{spread} | "
-                        f"{_with_ci(m, 'sensitivity')} | {_with_ci(m, 'specificity')} | {m['roc_auc']:.3f}{auc_min} | "
-                        f"{_with_ci(m, 'early_sensitivity')} | {r['int8_agreement'][v]:.3f} |")
+                        f"{with_ci(m, 'sensitivity')} | {with_ci(m, 'specificity')} | {m['roc_auc']:.3f}{auc_min} | "
+                        f"{with_ci(m, 'early_sensitivity')} | {r['int8_agreement'][v]:.3f} |")
     return "\n".join(rows)
