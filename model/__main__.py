@@ -1,5 +1,5 @@
-"""`python -m model {split,train,export,calibrate,evaluate,classify,baseline,results,keygen,bundle,verify-bundle,
-hias-entity}`."""
+"""`python -m model {split,twins,grouped-split,cv,protocol,stains,train,export,calibrate,evaluate,classify,baseline,
+results,keygen,bundle,verify-bundle,hias-entity}`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,72 @@ def cmd_split(args: argparse.Namespace) -> None:
         print(f"{name}: {len(data.read_list(path))} images -> {path}")
 
 
+def cmd_twins(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from model import twins
+
+    root = data.data_root(args.data)
+    dataset, samples = data.load_dataset(root)
+    cache = Path(args.scores)
+    if cache.exists():
+        scores = np.load(cache)
+    else:
+        scores = twins.score_matrix([twins.grey_field(root / s.path) for s in samples], args.workers)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, scores)
+    pairs = twins.twin_pairs(scores)
+    out = data.split_dir(dataset) / twins.TWINS_FILE
+    twins.write_twins(out, samples, pairs, "python -m model twins")
+    twins.plot_scores(scores, Path(args.plot))
+    print(f"{len(pairs)} twin pairs (NCC >= {twins.TWIN_NCC}) -> {out}; score matrix {cache}; histogram {args.plot}")
+
+
+def cmd_grouped_split(args: argparse.Namespace) -> None:
+    from model.grouped import make_grouped_split
+
+    report = make_grouped_split(data.data_root(args.data), args.seed, Path(args.plot))
+    print(json.dumps(report, indent=2))
+
+
+def cmd_cv(args: argparse.Namespace) -> None:
+    from model.cv import cross_validate, trial
+
+    if args.trial:
+        result = trial(data.data_root(args.data), args.arch, args.epochs, args.seed, Path(args.out) if args.out else None)
+        print(json.dumps({"val_auc": result["best_val_auc"], "epochs_run": result["epochs_run"],
+                          **{v: {k: m["seed0"][k] for k in ("balanced_accuracy", "roc_auc", "early_sensitivity")}
+                             for v, m in result["protocol"].items()}}, indent=2))
+        return
+    only = set(args.only.split(",")) if args.only else None
+    result = cross_validate(data.data_root(args.data), args.arch, args.folds, args.repeats, args.seed, args.epochs,
+                            Path(args.out) if args.out else None, only)
+    if args.store:
+        (Path(args.store) / "cv_grouped.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def cmd_protocol(args: argparse.Namespace) -> None:
+    from model.protocol import evaluate_artifact, table
+
+    root = data.data_root(args.data)
+    results = {}
+    for folder in args.artifact or [str(DEFAULT_ARTIFACT.parent)]:
+        result = evaluate_artifact(_artifact_dir(folder), root, args.split, args.part)
+        out = _artifact_dir(folder) / f"protocol_{args.split or 'per_image'}_{args.part}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        results[_artifact_dir(folder).name] = result
+    print(table(results, "int8"))
+    print(table(results, "float32"))
+
+
+def cmd_stains(args: argparse.Namespace) -> None:
+    from model import stains
+
+    path = stains.write_bccd_statistics(stains.bccd_statistics(Path(args.bccd)))
+    print(f"Lab statistics of {len(stains.read_bccd_statistics(path))} BCCD fields -> {path}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from model.baseline import run_baseline
     from model.calibrate import fit_policy
@@ -39,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     root = data.data_root(args.data)
     out = train(root, args.arch, args.epochs, args.seed, args.classes, Path(args.out) if args.out else None,
-                args.limit)
+                args.limit, args.split)
     fit_policy(out, root, args.seed)
     metrics = evaluate_artifacts(out, root, args.seed)
     _store(out, {"baseline": run_baseline(root, args.seed)})
@@ -139,11 +205,13 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> None:
-    """The README's results tables, from the committed model cards."""
-    cards = sorted(DEFAULT_ARTIFACT.parent.parent.glob(f"*/{CARD_NAME}"))
-    print(results_table(cards))
+    """The README's results tables, from the committed model cards and protocol results."""
+    folders = sorted(p.parent for p in DEFAULT_ARTIFACT.parent.parent.glob(f"*/{CARD_NAME}"))
+    print(grouped_table(folders))
     print()
-    print(trust_tables(cards))
+    print(results_table([f / CARD_NAME for f in folders]))
+    print()
+    print(trust_tables([f / CARD_NAME for f in folders]))
 
 
 def _rate(r: dict) -> str:
@@ -183,6 +251,40 @@ def trust_tables(cards: list[Path]) -> str:
         rows += ["", "Predictive values of those decisions at a stated prevalence of ALL among the smears sent:", "",
                  "| prevalence | PPV | NPV |", "|---|---|---|"]
         rows += [f"| {prev} | {v['ppv']:.3f} | {v['npv']:.4f} |" for prev, v in t["predictive_values"].items()]
+    return "\n".join(rows)
+
+
+def grouped_table(folders: list[Path]) -> str:
+    """Grouped test split (int8, with Wilson intervals) and grouped CV, one row per binary model."""
+    from model.protocol import with_ci
+    from model.stains import VARIANTS
+
+    rows = ["| model (grouped split) | test: balanced acc. | sensitivity (95 % CI) | specificity (95 % CI) | ROC AUC | "
+            "Early pre-B sensitivity (95 % CI) | worst stain variant: bal. acc. / AUC | int8 = float32 | "
+            "test images seen in training | grouped 5-fold CV: bal. acc. | CV AUC | CV worst variant bal. acc. |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for folder in folders:
+        path = folder / "protocol_grouped_test.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        m = r["int8"]["colour"]["seed0"]
+        worst = min(VARIANTS, key=lambda v: r["int8"][v]["seed0"]["balanced_accuracy"])
+        w = r["int8"][worst]["seed0"]
+        cv_path = folder / "cv_grouped.json"
+        cv_cells = "– | – | –"
+        if cv_path.exists():
+            cv = json.loads(cv_path.read_text())
+            cv_worst = min(VARIANTS, key=lambda v: cv[v]["balanced_accuracy"]["mean"])
+            cv_cells = (f"{cv['colour']['balanced_accuracy']['mean']:.3f} ± {cv['colour']['balanced_accuracy']['sd']:.3f} "
+                        f"({cv['folds']} folds) | {cv['colour']['roc_auc']['mean']:.4f} ± {cv['colour']['roc_auc']['sd']:.4f} | "
+                        f"{cv[cv_worst]['balanced_accuracy']['mean']:.3f} ± {cv[cv_worst]['balanced_accuracy']['sd']:.3f} "
+                        f"({cv_worst})")
+        served = " (served default)" if folder == DEFAULT_ARTIFACT.parent else ""
+        rows.append(f"| `{folder.name}` int8{served} | {m['balanced_accuracy']:.3f} | {with_ci(m, 'sensitivity')} | "
+                    f"{with_ci(m, 'specificity')} | {m['roc_auc']:.4f} | {with_ci(m, 'early_sensitivity')} | "
+                    f"{w['balanced_accuracy']:.3f} / {w['roc_auc']:.3f} ({worst}) | {r['int8_agreement']['all']:.4f} | "
+                    f"{r['test_images_in_training']} of {r['images']} | {cv_cells} |")
     return "\n".join(rows)
 
 
@@ -280,8 +382,37 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--seed", type=int, default=42)
     p = sub.add_parser("split", parents=[common], help="write the leakage-free train/val/test lists")
     p.set_defaults(func=cmd_split)
+    p = sub.add_parser("twins", parents=[common], help="find field twins (translation-tolerant matching), write the list")
+    p.add_argument("--scores", default="runs/twins/scores.npy", help="score matrix cache (computed when absent)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--plot", default="docs/field_twin_scores.png", help="PNG histogram of all pair scores")
+    p.set_defaults(func=cmd_twins)
+    p = sub.add_parser("grouped-split", parents=[common],
+                       help="write the grouped split (duplicates, field twins, capture blocks) and its plot")
+    p.add_argument("--plot", default="docs/capture_blocks.png", help="PNG of the capture-block analysis")
+    p.set_defaults(func=cmd_grouped_split)
+    p = sub.add_parser("cv", parents=[common], help="repeated grouped k-fold CV of a recipe (resumable per fold)")
+    p.add_argument("--arch", required=True, help="training recipe (model.train.RECIPES)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--epochs", type=int, help="override the recipe's budget (trials; results go elsewhere)")
+    p.add_argument("--out", help="folder of the per-fold results (default runs/cv/RECIPE)")
+    p.add_argument("--only", help="comma-separated repeat-fold ids to run, e.g. 0-0,0-1")
+    p.add_argument("--store", help="artifact folder to copy the summary into (cv_grouped.json)")
+    p.add_argument("--trial", action="store_true",
+                   help="one run on the grouped split instead, scored on its validation part (runs/trials/)")
+    p.set_defaults(func=cmd_cv)
+    p = sub.add_parser("protocol", parents=[common], help="score artifacts under the stain protocol")
+    p.add_argument("--artifact", action="append", help="artifact folder (repeatable; default: the served model)")
+    p.add_argument("--split", default="grouped", help="split sub-folder ('' = the per-image split)")
+    p.add_argument("--part", default="test", choices=["train", "val", "test"])
+    p.set_defaults(func=cmd_protocol)
+    p = sub.add_parser("stains", help="compute the stain protocol's BCCD Lab statistics (committed file)")
+    p.add_argument("--bccd", required=True, help="BCCD data set root (JPEGImages/ inside)")
+    p.set_defaults(func=cmd_stains)
     p = sub.add_parser("train", parents=[common], help="train, export and evaluate one network")
-    p.add_argument("--arch", choices=["allds2020", "cellnet"], required=True)
+    p.add_argument("--arch", required=True, help="training recipe: allds2020, cellnet, cellnet_stain, cellnet_value")
+    p.add_argument("--split", default="", help="split sub-folder of data/<set>/ ('grouped'; default the per-image split)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--classes", choices=["binary", "subtype"], default="binary")
     p.add_argument("--out", help="artifact folder (default model/artifacts/NAME)")

@@ -51,7 +51,7 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
     card_path = out_dir / CARD_NAME
     card = json.loads(card_path.read_text())
     dataset, samples = data.load_dataset(root)
-    splits = data.load_splits(dataset, samples, seed)
+    splits = data.card_splits(card, dataset, samples, seed)
     limit = card.get("data", {}).get("limit_per_split")
     if limit:  # a smoke run's artifacts: fit on the subset it trained on
         rng = np.random.default_rng(card.get("training", {}).get("seed", seed))

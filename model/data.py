@@ -170,15 +170,21 @@ def read_list(path: Path) -> list[str]:
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-def load_splits(dataset: str, samples: list[Sample], seed: int = 42) -> dict[str, list[Sample]]:
-    """The committed split of a data set, as Samples.
+def card_splits(card: dict, dataset: str, samples: list[Sample], seed: int = 42) -> dict[str, list[Sample]]:
+    """The split an artifact was trained on, read from its model card (per-image or `grouped`)."""
+    folder = (REPO / card["data"]["splits"]["test"]["file"]).parent
+    return load_splits(dataset, samples, seed, str(folder.relative_to(split_dir(dataset))))
+
+
+def load_splits(dataset: str, samples: list[Sample], seed: int = 42, split: str = "") -> dict[str, list[Sample]]:
+    """The committed split of a data set, as Samples; `split` names a sub-folder (`grouped`).
 
     ALL-IDB1 ships only the original project's fixed 20-image test list; its train/validation
     split is then made from the other images, grouped and seeded, in memory.
     """
     by_path = {s.path: s for s in samples}
     by_stem = {Path(s.path).stem: s for s in samples}
-    folder = split_dir(dataset)
+    folder = split_dir(dataset) / split
     if not (folder / "test.txt").exists():
         raise FileNotFoundError(f"no split lists in {folder}: run `python -m model split` first")
     test = [by_path.get(p) or by_stem[Path(p).stem] for p in read_list(folder / "test.txt")]

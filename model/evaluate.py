@@ -55,7 +55,7 @@ def evaluate_artifacts(out_dir: Path, root: Path, seed: int = 42) -> dict:
     card_path = out_dir / CARD_NAME
     card = json.loads(card_path.read_text())
     dataset, samples = data.load_dataset(root)
-    test = data.load_splits(dataset, samples, seed)["test"]
+    test = data.card_splits(card, dataset, samples, seed)["test"]
     labels = np.array([s.label for s in test])
     images = data.load_images(root, test, int(card["input_size"]))
     metrics: dict = {"test_images": len(test)}
@@ -69,10 +69,38 @@ def evaluate_artifacts(out_dir: Path, root: Path, seed: int = 42) -> dict:
         p_all[kind] = clf.p_all(predict(clf, images))
     metrics["int8_agreement"] = {m: float(np.mean(decisions["float32", m] == decisions["int8", m]))
                                  for m in STRESS_MODES}
+    if len(card["classes"]) > 2:
+        clf = Classifier.load(out_dir / card["artifacts"]["int8"]["file"])
+        metrics["subtype"] = subtype_report(out_dir, card, [s.subtype for s in test], predict(clf, images))
     card["metrics"] = with_intervals({**card.get("metrics", {}), **metrics})
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     _plots(out_dir, card, labels, p_all["int8"], decisions["int8", "colour"])
     return card["metrics"]
+
+
+def subtype_report(out_dir: Path, card: dict, subtypes: list[str], probabilities: np.ndarray) -> dict:
+    """Per-class recall (Wilson 95 %) and precision of a multi-class head, and its confusion matrix PNG."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    from model.metrics import wilson_interval
+
+    names = card["classes"]
+    truth = np.array([names.index(s) for s in subtypes])
+    predicted = probabilities.argmax(1)
+    matrix = confusion_matrix(truth, predicted, labels=range(len(names)))
+    per_class = {}
+    for k, name in enumerate(names):
+        n, hits, called = int(matrix[k].sum()), int(matrix[k, k]), int(matrix[:, k].sum())
+        per_class[name] = {"n": n, "recall": hits / n if n else float("nan"), "recall_ci": wilson_interval(hits, n),
+                           "precision": hits / called if called else float("nan")}
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=ax, colorbar=False)
+    ax.set_title(f"{card['name']} int8, test split (argmax)")
+    fig.savefig(out_dir / "confusion_subtype.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return {"accuracy": float(np.mean(truth == predicted)),
+            "balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
+            "confusion": matrix.tolist(), "per_class": per_class}
 
 
 def _plots(out_dir: Path, card: dict, labels: np.ndarray, p_all: np.ndarray, decisions: np.ndarray) -> None:
@@ -106,11 +134,11 @@ def cross_validate(root: Path, arch: str, folds: int, seed: int, epochs: int | N
     """Stratified, duplicate-grouped k-fold CV of one recipe: mean and sd of each metric."""
     from model.calibration import choose_threshold
     from model.networks import INPUT_SIZES
-    from model.train import MIN_SENSITIVITY, fit, p_all
+    from model.train import MIN_SENSITIVITY, architecture, fit, p_all
 
     dataset, samples = data.load_dataset(root)
     groups = data.duplicate_groups(samples, data.duplicate_pairs(root))
-    images = data.load_images(root, samples, INPUT_SIZES[arch])
+    images = data.load_images(root, samples, INPUT_SIZES[architecture(arch)])
     labels = np.array([s.label for s in samples])
     per_fold = []
     for k, test_idx in enumerate(data.grouped_folds(samples, groups, folds, seed)):

@@ -60,3 +60,13 @@ def summary_line(m: dict) -> str:
             f"sensitivity {m['sensitivity']:.4f} specificity {m['specificity']:.4f} "
             f"balanced {m['balanced_accuracy']:.4f}")
     return text + (f" ROC AUC {m['roc_auc']:.4f}" if "roc_auc" in m else "")
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (scipy), (nan, nan) when n is 0."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
-from keras import layers
+from keras import layers, ops
 
 
 def allds2020(n_classes: int = 2, input_size: int = 100) -> keras.Model:
@@ -30,10 +32,22 @@ def _conv_bn_relu(x, filters: int, strides: int = 1):
     return layers.ReLU()(x)
 
 
-def cellnet(n_classes: int = 2, input_size: int = 128, dropout: float = 0.3) -> keras.Model:
-    """AllDS CellNet: stride-2 stem, five Conv3x3-BN-ReLU stages with max-pooling, GAP, dropout."""
+def cellnet(n_classes: int = 2, input_size: int = 128, dropout: float = 0.3, colour_input: str = "rgb") -> keras.Model:
+    """AllDS CellNet: stride-2 stem, five Conv3x3-BN-ReLU stages with max-pooling, GAP, dropout.
+
+    `colour_input="value"` feeds the network max(R, G, B) only (HSV value), which no hue turn or
+    saturation change alters: stain-hue invariance by construction instead of by augmentation.
+    `colour_input="standardised"` gives each image's channels mean 0 and sd 1, so a global change of
+    a channel's level or contrast (another stain batch, lamp or camera) does not reach the network.
+    """
     inputs = keras.Input((input_size, input_size, 3))
-    x = _conv_bn_relu(inputs, 24, strides=2)  # 64x64
+    x = inputs
+    if colour_input == "value":
+        x = ops.max(inputs, axis=-1, keepdims=True)
+    elif colour_input == "standardised":  # image means by average pooling: XNNPACK runs it, int8 MEAN is slow
+        centred = inputs - layers.AveragePooling2D(input_size)(inputs)
+        x = centred * ops.rsqrt(layers.AveragePooling2D(input_size)(centred * centred) + 1e-4)
+    x = _conv_bn_relu(x, 24, strides=2)  # 64x64
     for filters in (32, 64, 112, 160):  # 64 -> 32 -> 16 -> 8 -> 4
         x = _conv_bn_relu(x, filters)
         x = _conv_bn_relu(x, filters)
@@ -46,5 +60,7 @@ def cellnet(n_classes: int = 2, input_size: int = 128, dropout: float = 0.3) -> 
     return keras.Model(inputs, outputs, name="cellnet")
 
 
-ARCHITECTURES = {"allds2020": allds2020, "cellnet": cellnet}
-INPUT_SIZES = {"allds2020": 100, "cellnet": 128}
+ARCHITECTURES = {"allds2020": allds2020, "cellnet": cellnet,
+                 "cellnet_value": functools.partial(cellnet, colour_input="value"),
+                 "cellnet_standardised": functools.partial(cellnet, colour_input="standardised")}
+INPUT_SIZES = {"allds2020": 100, "cellnet": 128, "cellnet_value": 128, "cellnet_standardised": 128}

@@ -25,3 +25,19 @@ def test_cellnet_fits_the_pi_budget():
     out = model(np.random.default_rng(0).random((3, 128, 128, 3), dtype=np.float32), training=False).numpy()
     assert out.shape == (3, 2) and np.allclose(out.sum(1), 1, atol=1e-5)
     assert cellnet(n_classes=4).output_shape == (None, 4)
+
+
+def test_cellnet_input_variants_fit_the_pi_budget_and_do_what_they_say():
+    from model.networks import ARCHITECTURES
+
+    rng = np.random.default_rng(1)
+    x = rng.random((2, 128, 128, 3), dtype=np.float32)
+    for name in ("cellnet_value", "cellnet_standardised"):
+        model = ARCHITECTURES[name]()
+        assert model.count_params() <= 1_000_000 and flops(model) <= 0.6e9, name
+    value = ARCHITECTURES["cellnet_value"]()
+    swapped = x[..., ::-1].copy()  # same max(R, G, B), other colours
+    np.testing.assert_allclose(value(x, training=False), value(swapped, training=False), atol=1e-6)
+    standardised = ARCHITECTURES["cellnet_standardised"]()
+    relit = 0.6 * x + np.array([0.1, 0.05, 0.2], np.float32)  # each channel's level and contrast changed
+    np.testing.assert_allclose(standardised(x, training=False), standardised(relit, training=False), atol=1e-4)

@@ -1,0 +1,119 @@
+"""Repeated grouped k-fold cross-validation of a training recipe, resumable fold by fold.
+
+Groups are the committed ones (`data/aria2021/grouped/groups.txt`: duplicates, field twins, capture
+blocks). In each fold the network is trained from scratch at the recipe's full budget on the fold's
+train part, its operating threshold is chosen on the fold's validation part (sensitivity >= 0.98),
+and the fold's test part is scored under every variant of the stain protocol. Each finished fold is
+written to `<out>/<repeat>-<fold>.json` and skipped when the command runs again.
+
+    python -m model cv --arch cellnet --folds 5 --repeats 2      # -> runs/cv/cellnet/
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from model import data, grouped, protocol
+
+KEYS = protocol.SUMMARY_KEYS
+
+
+def read_groups(root: Path, samples: list[data.Sample]) -> np.ndarray:
+    """Group id per sample from the committed `grouped/groups.txt`."""
+    dataset = data.load_dataset(root)[0]
+    path = data.split_dir(dataset) / grouped.GROUPED / "groups.txt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run `python -m model grouped-split` first")
+    group_of = {f[0]: int(f[1]) for f in (ln.split() for ln in data.read_list(path))}
+    return np.array([group_of[s.path] for s in samples])
+
+
+def run_fold(recipe: str, images: np.ndarray, samples: list[data.Sample], parts: dict[str, np.ndarray], seed: int,
+             epochs: int | None) -> dict:
+    """Train on one fold's train part, threshold on its validation part, protocol scores on its test part."""
+    from model.calibration import choose_threshold
+    from model.train import MIN_SENSITIVITY, fit, p_all
+
+    labels = np.array([s.label for s in samples])
+    subtypes = np.array([s.subtype for s in samples])
+    tr, va, te = parts["train"], parts["val"], parts["test"]
+    model, history = fit(recipe, images[tr], labels[tr], images[va], labels[va], 2, seed, epochs)
+    threshold = choose_threshold(labels[va], p_all(model, images[va]), MIN_SENSITIVITY)
+    by_variant = protocol.variant_p_all(lambda x: p_all(model, x), images[te])
+    return {"recipe": recipe, "seed": seed, "threshold": threshold, "epochs_run": len(history["loss"]),
+            "best_val_auc": max(history["val_auc"]), "sizes": {k: len(v) for k, v in parts.items()},
+            "benign": {k: int((labels[v] == 0).sum()) for k, v in parts.items()},
+            "test_paths": [samples[i].path for i in te], "p_all_colour": by_variant["colour"][0].round(6).tolist(),
+            "protocol": protocol.summarise(labels[te], subtypes[te], by_variant, threshold)}
+
+
+def summary(results: list[dict]) -> dict:
+    """Mean and sd over folds of each seed-0 metric per variant (and of the per-fold min over seeds)."""
+    out = {"folds": len(results)}
+    for variant in results[0]["protocol"]:
+        entries = [r["protocol"][variant] for r in results]
+        out[variant] = {k: {"mean": float(np.mean([e["seed0"][k] for e in entries])),
+                            "sd": float(np.std([e["seed0"][k] for e in entries]))} for k in KEYS}
+        out[variant]["balanced_accuracy_min_over_seeds"] = {
+            "mean": float(np.mean([e["seeds"]["balanced_accuracy"]["min"] for e in entries])),
+            "sd": float(np.std([e["seeds"]["balanced_accuracy"]["min"] for e in entries]))}
+    return out
+
+
+def cross_validate(root: Path, recipe: str, folds: int = 5, repeats: int = 1, seed: int = 42, epochs: int | None = None,
+                   out: Path | None = None, only: set[str] | None = None) -> dict:
+    """Run (or resume) every repeat x fold, write per-fold JSON and `summary.json`; `only` picks `r-k` folds."""
+    from model.networks import INPUT_SIZES
+    from model.train import architecture
+
+    out = out or data.REPO / "runs" / "cv" / (recipe if epochs is None else f"{recipe}-{epochs}ep")
+    out.mkdir(parents=True, exist_ok=True)
+    _, samples = data.load_dataset(root)
+    groups = read_groups(root, samples)
+    images = None
+    for r in range(repeats):
+        for k, parts in enumerate(grouped.cv_indices(samples, groups, folds, seed + r)):
+            path = out / f"{r}-{k}.json"
+            if path.exists() or (only and f"{r}-{k}" not in only):
+                continue
+            if images is None:
+                images = data.load_images(root, samples, INPUT_SIZES[architecture(recipe)])
+            result = run_fold(recipe, images, samples, parts, seed + 100 * r + k, epochs)
+            result.update(repeat=r, fold=k, epochs_budget=epochs)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result) + "\n")
+            tmp.replace(path)
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*-*.json"))]
+    if not results:
+        return {"folds": 0}
+    result = summary(results)
+    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def trial(root: Path, recipe: str, epochs: int | None, seed: int = 42, out: Path | None = None) -> dict:
+    """A recipe trial on the committed grouped split: train on train, score on validation (never test).
+
+    The threshold is chosen on the same validation images it is scored on, so balanced accuracies
+    are optimistic alike for every recipe; compare AUCs first.
+    """
+    from model.networks import INPUT_SIZES
+    from model.train import architecture
+
+    dataset, samples = data.load_dataset(root)
+    splits = data.load_splits(dataset, samples, seed, grouped.GROUPED)
+    index = {s.path: i for i, s in enumerate(samples)}
+    parts = {k: np.array([index[s.path] for s in splits[k]]) for k in ("train", "val")}
+    parts["test"] = parts["val"]
+    used = np.concatenate([parts["train"], parts["val"]])
+    size = INPUT_SIZES[architecture(recipe)]
+    images = np.zeros((len(samples), size, size, 3), np.float32)  # test images are never decoded
+    images[used] = data.load_images(root, [samples[i] for i in used], size)
+    result = run_fold(recipe, images, samples, parts, seed, epochs)
+    path = out or data.REPO / "runs" / "trials" / f"{recipe}-{epochs or 'full'}ep.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result) + "\n")
+    return result

@@ -1,0 +1,83 @@
+"""The grouped split: field twins found on the real images, and no group across train/val/test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model import data, grouped, twins
+
+GROUPED_DIR = data.split_dir("ALL_Aria2021") / grouped.GROUPED
+KNOWN_TWINS = (("Pre/WBC-Malignant-Pre-347.jpg", "Pre/WBC-Malignant-Pre-346.jpg"),
+               ("Early/WBC-Malignant-Early-856.jpg", "Early/WBC-Malignant-Early-857.jpg"),
+               ("Benign/WBC-Benign-482.jpg", "Benign/WBC-Benign-483.jpg"),
+               ("Pro/WBC-Malignant-Pro-519.jpg", "Pro/WBC-Malignant-Pro-440.jpg"))
+
+
+@pytest.fixture(scope="module")
+def committed(data_root):
+    dataset, samples = data.load_dataset(data_root)
+    splits = data.load_splits(dataset, samples, split=grouped.GROUPED)
+    rows = [ln.split() for ln in data.read_list(GROUPED_DIR / "groups.txt")]
+    return samples, splits, {r[0]: int(r[1]) for r in rows}, {r[0]: r[2] for r in rows}
+
+
+def test_matcher_finds_the_known_twins_on_the_real_images(data_root):
+    listed = {frozenset(p) for p in twins.read_twins(data.split_dir("ALL_Aria2021") / twins.TWINS_FILE)}
+    for a, b in KNOWN_TWINS:
+        score = twins.pair_score(twins.grey_field(data_root / a), twins.grey_field(data_root / b))
+        assert score >= twins.TWIN_NCC, (a, b, score)
+        assert frozenset((a, b)) in listed, (a, b)
+    # a neighbour of the same folder that is another field stays below the threshold
+    other = twins.pair_score(twins.grey_field(data_root / "Pro/WBC-Malignant-Pro-519.jpg"),
+                             twins.grey_field(data_root / "Pro/WBC-Malignant-Pro-441.jpg"))
+    assert other < 0.5
+
+
+def test_matcher_tolerates_a_stage_shift(data_root):
+    field = twins.grey_field(data_root / "Early/WBC-Malignant-Early-100.jpg")
+    shifted = np.roll(field, (40, -30), axis=(0, 1))
+    assert twins.match_score(twins.centre_crop(field), shifted) > 0.99
+
+
+def test_no_group_straddles_the_grouped_split(data_root, committed):
+    samples, splits, group, _ = committed
+    side = {s.path: name for name, members in splits.items() for s in members}
+    assert len(side) == sum(len(v) for v in splits.values()) == len(samples)
+    groups_by_side = {name: {group[s.path] for s in members} for name, members in splits.items()}
+    assert not groups_by_side["train"] & groups_by_side["val"]
+    assert not groups_by_side["train"] & groups_by_side["test"]
+    assert not groups_by_side["val"] & groups_by_side["test"]
+    links = data.duplicate_pairs(data_root) + twins.read_twins(data.split_dir("ALL_Aria2021") / twins.TWINS_FILE)
+    assert len(links) > 85
+    for a, b in links:
+        assert side[a] == side[b], (a, b)
+    for name, members in splits.items():
+        for subtype in data.ARIA_CLASSES:
+            assert sum(s.subtype == subtype for s in members) >= 40, (name, subtype)
+
+
+def test_capture_blocks_are_runs_of_one_stream_on_one_side(committed):
+    samples, splits, _, block = committed
+    side = {s.path: name for name, members in splits.items() for s in members}
+    members: dict[str, list[str]] = {}
+    for path, name in block.items():
+        members.setdefault(name, []).append(path)
+    assert all(name != "-" for name in members)
+    for name, paths in members.items():
+        subtype = name.split("/")[0]
+        assert {p.split("/")[0] for p in paths} == {subtype}
+        assert len({side[p] for p in paths}) == 1, name
+        steps = np.diff(sorted(grouped.file_number(p) for p in paths))
+        assert len(set(steps.tolist())) <= 1, name  # consecutive images of one stream: n, n+p, n+2p, ...
+
+
+def test_cv_folds_are_grouped_and_cover_everything(committed):
+    samples, _, group, _ = committed
+    groups = np.array([group[s.path] for s in samples])
+    folds = grouped.cv_indices(samples, groups, 5, 42)
+    assert np.array_equal(np.sort(np.concatenate([f["test"] for f in folds])), np.arange(len(samples)))
+    for f in folds:
+        parts = [set(groups[f[k]]) for k in ("train", "val", "test")]
+        assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+        assert sum(len(f[k]) for k in f) == len(samples)
