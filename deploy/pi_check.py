@@ -1,0 +1,162 @@
+"""The two halves of `deploy/pi-check.sh`: `predict` runs every shipped `.tflite` artifact on a list of
+images (the same code on x86 and inside the emulated arm64 userland, LiteRT only), `compare` lines two
+such runs up, `answers` lines up two agents' replay reports. Each comparison prints a table and exits 1
+on a mismatch.
+
+Decision rule for `compare`: an image's decision may differ between the two machines only when its two
+P(ALL) differ by at most one output quantisation step (so both lie within a step of the card's threshold);
+the step is the scale of the int8 artifact's int8 softmax output, 1/256, and float32 artifacts use their
+int8 sibling's. Any other differing decision fails, and so does an artifact file that differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import model
+from model.classifier import Classifier, read_card
+from model.data import read_list
+from model.preprocess import preprocess_file
+
+ARTIFACTS = Path(model.__file__).resolve().parent / "artifacts"
+BATCH = 32
+
+
+def output_step(path: Path) -> float | None:
+    """Scale of the int8 tensor the model's float output is dequantised from; None for a float model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    output = interp.get_output_details()[0]["index"]
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    for op in interp._get_ops_details():  # noqa: SLF001 - the only way LiteRT exposes the graph
+        if output in op["outputs"]:
+            scales = [tensors[i]["quantization"][0] for i in op["inputs"] if i >= 0 and tensors[i]["dtype"] == np.int8]
+            return float(scales[-1]) if scales else None
+    return None
+
+
+def predict(root: Path, names: list[str], models: Path) -> dict:
+    """P(ALL) of every `.tflite` artifact of every model card under `models` for each image `root/name`."""
+    images = [root / name for name in names]
+    result = {"machine": platform.machine(), "python": platform.python_version(),
+              "litert": importlib.metadata.version("ai-edge-litert"),
+              "tensorflow_importable": importlib.util.find_spec("tensorflow") is not None,
+              "images": names, "artifacts": {}}
+    tensors: dict[int, np.ndarray] = {}
+    for card_path in sorted(models.glob("*/model_card.json")):
+        card = read_card(card_path.parent)
+        size = int(card["input_size"])
+        if size not in tensors:
+            tensors[size] = np.stack([preprocess_file(p, size) for p in tqdm(
+                images, desc=f"decode {size}px", unit="img", leave=False, disable=not sys.stderr.isatty())])
+        for kind, entry in sorted(card["artifacts"].items()):
+            path = card_path.parent / entry["file"]
+            if path.suffix != ".tflite":
+                continue
+            clf = Classifier.load(path)
+            batches = range(0, len(images), BATCH)
+            p_all = np.concatenate([clf.p_all(clf.classify(tensors[size][i:i + BATCH])) for i in tqdm(
+                batches, desc=path.name, unit="batch", leave=False, disable=not sys.stderr.isatty())])
+            result["artifacts"][f"{card['name']}/{path.name}"] = {
+                "model": card["name"], "kind": kind, "threshold": clf.threshold, "sha256": clf.sha256,
+                "step": output_step(path), "p_all": [float(p) for p in p_all]}
+    return result
+
+
+def compare(x86: dict, arm: dict) -> tuple[list[dict], bool]:
+    """Per artifact: decision agreement, max |ΔP|, differing decisions and whether each is tolerated."""
+    if x86["images"] != arm["images"] or set(x86["artifacts"]) != set(arm["artifacts"]):
+        raise ValueError(f"the two runs cover different images or artifacts: {sorted(x86['artifacts'])} on "
+                         f"{len(x86['images'])} images, {sorted(arm['artifacts'])} on {len(arm['images'])}")
+    steps = {a["model"]: a["step"] for a in x86["artifacts"].values() if a["step"]}
+    rows, ok = [], True
+    for name, a in sorted(x86["artifacts"].items()):
+        b = arm["artifacts"][name]
+        p, q = np.array(a["p_all"]), np.array(b["p_all"])
+        threshold, step = a["threshold"], steps.get(a["model"], 1 / 256)
+        differs = (p >= threshold) != (q >= threshold)
+        tolerated = differs & (np.abs(p - q) <= step)  # opposite sides of the threshold, so both within a step
+        row = {"artifact": name, "images": len(p), "agreement": float(np.mean(~differs)),
+               "max_dp": float(np.max(np.abs(p - q))) if len(p) else 0.0, "step": step,
+               "differing": int(differs.sum()), "tolerated": int(tolerated.sum()),
+               "same_sha256": a["sha256"] == b["sha256"]}
+        row["ok"] = row["same_sha256"] and row["differing"] == row["tolerated"]
+        ok &= row["ok"]
+        rows.append(row)
+    return rows, ok
+
+
+def answers(x86: dict, arm: dict) -> tuple[list[str], int]:
+    """Lines for images whose answers differ (diagnosis, confidence, probabilities, model); the number equal."""
+    def by_path(report: dict) -> dict:
+        return {r["path"]: r["reply"] for r in report["results"]}
+
+    left, right = by_path(x86), by_path(arm)
+    problems, equal = [], 0
+    for name in sorted(set(left) | set(right)):
+        a, b = left.get(name), right.get(name)
+        if not a or not b or "diagnosis" not in a or "diagnosis" not in b:
+            problems.append(f"{Path(name).name}: x86 {a and (a.get('diagnosis') or a.get('error'))}, "
+                            f"arm64 {b and (b.get('diagnosis') or b.get('error'))}")
+            continue
+        keys = ("diagnosis", "confidence", "probabilities")
+        same = all(a[k] == b[k] for k in keys) and a["model"]["sha256"] == b["model"]["sha256"]
+        if same:
+            equal += 1
+        else:
+            problems.append(f"{Path(name).name}: x86 {[a[k] for k in keys]} arm64 {[b[k] for k in keys]}")
+    return problems, equal
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pi_check", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="P(ALL) of every shipped .tflite on a list of images, as JSON")
+    p.add_argument("list", type=Path, help="file list relative to --data, e.g. data/aria2021/test.txt")
+    p.add_argument("--data", type=Path, required=True, help="image root")
+    p.add_argument("--models", type=Path, default=ARTIFACTS, help="folder of model folders (default: the shipped ones)")
+    p.add_argument("--out", type=Path, required=True)
+    c = sub.add_parser("compare", help="two `predict` outputs: decision agreement and max |ΔP| per artifact")
+    c.add_argument("x86", type=Path)
+    c.add_argument("arm64", type=Path)
+    a = sub.add_parser("answers", help="two replay --json reports: the agents' answers must be equal")
+    a.add_argument("x86", type=Path)
+    a.add_argument("arm64", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "predict":
+        args.out.write_text(json.dumps(predict(args.data, read_list(args.list), args.models)) + "\n")
+        return 0
+    x86, arm = json.loads(args.x86.read_text()), json.loads(args.arm64.read_text())
+    if args.command == "compare":
+        rows, ok = compare(x86, arm)
+        print(f"(a) shipped .tflite on {rows[0]['images'] if rows else 0} images: {x86['machine']} "
+              f"(Python {x86['python']}, LiteRT {x86['litert']}) vs {arm['machine']} (Python {arm['python']}, "
+              f"LiteRT {arm['litert']}, TensorFlow importable: {arm['tensorflow_importable']})")
+        print(f"{'artifact':34} {'agreement':>9} {'differing':>9} {'max |ΔP|':>9} {'steps':>6}  result")
+        for r in rows:
+            print(f"{r['artifact']:34} {r['agreement']:9.4f} {r['differing']:9d} {r['max_dp']:9.6f} "
+                  f"{r['max_dp'] / r['step']:6.2f}  {'ok' if r['ok'] else 'MISMATCH'}"
+                  + ("" if r["same_sha256"] else " (different file)")
+                  + (f" ({r['tolerated']} within one step of the threshold)" if r["tolerated"] else ""))
+        return 0 if ok and rows else 1
+    problems, equal = answers(x86, arm)
+    print(f"(b) agent answers, x86 vs arm64 agent: {equal} of {equal + len(problems)} equal "
+          "(diagnosis, confidence, probabilities, model sha256)")
+    for line in problems:
+        print("  " + line)
+    return 0 if not problems and equal else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The comparison rules of deploy/pi-check.sh (the emulated run itself is an opt-in step: docs/pi.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from model.classifier import DEFAULT_ARTIFACT
+from tests.helpers import REPO
+
+spec = importlib.util.spec_from_file_location("pi_check", REPO / "deploy/pi_check.py")
+pi_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pi_check)
+
+STEP = 1 / 256
+
+
+def run(p_all: list[float], threshold: float = 0.5, sha256: str = "abc") -> dict:
+    return {"machine": "m", "python": "3.11", "litert": "1.4.0", "tensorflow_importable": False,
+            "images": [f"x/{n}.jpg" for n in range(len(p_all))],
+            "artifacts": {"net/net_int8.tflite": {"model": "net", "kind": "int8", "threshold": threshold,
+                                                  "sha256": sha256, "step": STEP, "p_all": p_all}}}
+
+
+def test_identical_runs_agree():
+    rows, ok = pi_check.compare(run([0.1, 0.9]), run([0.1, 0.9]))
+    assert ok and rows[0]["agreement"] == 1.0 and rows[0]["max_dp"] == 0.0
+
+
+def test_a_flip_within_one_step_of_the_threshold_is_tolerated():
+    rows, ok = pi_check.compare(run([0.5 - STEP / 2, 0.9]), run([0.5 + STEP / 2, 0.9]))
+    assert ok and rows[0]["differing"] == 1 and rows[0]["tolerated"] == 1 and rows[0]["agreement"] == 0.5
+
+
+def test_a_flip_beyond_one_step_fails():
+    _, ok = pi_check.compare(run([0.5 - STEP, 0.9]), run([0.5 + STEP / 2, 0.9]))
+    assert not ok
+
+
+def test_a_different_artifact_file_fails():
+    _, ok = pi_check.compare(run([0.1]), run([0.1], sha256="def"))
+    assert not ok
+
+
+def test_runs_over_different_images_are_refused():
+    with pytest.raises(ValueError, match="different images"):
+        pi_check.compare(run([0.1, 0.2]), run([0.1]))
+
+
+def reply(path: str, diagnosis: str, p_all: float) -> dict:
+    return {"path": path, "reply": {"diagnosis": diagnosis, "confidence": p_all,
+                                    "probabilities": {"Benign": 1 - p_all, "ALL": p_all}, "model": {"sha256": "abc"}}}
+
+
+def test_answers_must_be_equal_and_present():
+    x86 = {"results": [reply("a.jpg", "Positive", 0.9), reply("b.jpg", "Negative", 0.1)]}
+    assert pi_check.answers(x86, x86) == ([], 2)
+    changed = {"results": [reply("a.jpg", "Positive", 0.9), reply("b.jpg", "Negative", 0.11)]}
+    problems, equal = pi_check.answers(x86, changed)
+    assert equal == 1 and len(problems) == 1 and problems[0].startswith("b.jpg")
+    missing = {"results": [reply("a.jpg", "Positive", 0.9), {"path": "b.jpg", "reply": None}]}
+    assert pi_check.answers(x86, missing)[1] == 1
+
+
+def test_predict_reads_the_output_quantisation_step_and_the_cli_compares(tmp_path, data_root):
+    names = (REPO / "data/aria2021/test.txt").read_text().split()[:2]
+    (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
+    out = tmp_path / "p.json"
+    subprocess.run([sys.executable, str(REPO / "deploy/pi_check.py"), "predict", str(tmp_path / "list.txt"),
+                    "--data", str(data_root), "--out", str(out)], check=True, cwd=REPO, capture_output=True,
+                   env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    result = json.loads(out.read_text())
+    assert result["images"] == names
+    served = result["artifacts"][f"{DEFAULT_ARTIFACT.parent.name}/{DEFAULT_ARTIFACT.name}"]
+    assert served["step"] == STEP and len(served["p_all"]) == 2
+    assert any(a["step"] is None for a in result["artifacts"].values())  # float32 artifacts
+    same = subprocess.run([sys.executable, str(REPO / "deploy/pi_check.py"), "compare", str(out), str(out)],
+                          cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": str(REPO)})
+    assert same.returncode == 0 and "MISMATCH" not in same.stdout
