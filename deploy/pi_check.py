@@ -31,12 +31,13 @@ ARTIFACTS = Path(model.__file__).resolve().parent / "artifacts"
 BATCH = 32
 
 
-def output_step(path: Path) -> float | None:
-    """Scale of the int8 tensor the model's float output is dequantised from; None for a float model."""
+def output_step(path: Path, n_classes: int) -> float | None:
+    """Scale of the int8 tensor the model's probabilities (the output `n_classes` wide) are dequantised
+    from; None for a float model."""
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_path=str(path))
-    output = interp.get_output_details()[0]["index"]
+    output = next(o["index"] for o in interp.get_output_details() if int(o["shape"][-1]) == n_classes)
     tensors = {t["index"]: t for t in interp.get_tensor_details()}
     for op in interp._get_ops_details():  # noqa: SLF001 - the only way LiteRT exposes the graph
         if output in op["outputs"]:
@@ -69,7 +70,7 @@ def predict(root: Path, names: list[str], models: Path) -> dict:
                 batches, desc=path.name, unit="batch", leave=False, disable=not sys.stderr.isatty())])
             result["artifacts"][f"{card['name']}/{path.name}"] = {
                 "model": card["name"], "kind": kind, "threshold": clf.threshold, "sha256": clf.sha256,
-                "step": output_step(path), "p_all": [float(p) for p in p_all]}
+                "step": output_step(path, len(card["classes"])), "p_all": [float(p) for p in p_all]}
     return result
 
 
