@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bccd", required=True, help="BCCD data set root (JPEGImages/ inside)")
     p.set_defaults(func=cmd_stains)
     p = sub.add_parser("train", parents=[common], help="train, export and evaluate one network")
-    p.add_argument("--arch", required=True, help="training recipe: allds2020, cellnet, cellnet_stain, cellnet_value")
+    p.add_argument("--arch", required=True, help="training recipe (model.train.RECIPES)")
     p.add_argument("--split", default="", help="split sub-folder of data/<set>/ ('grouped'; default the per-image split)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--classes", choices=["binary", "subtype"], default="binary")
