@@ -214,13 +214,20 @@ def cmd_results(args: argparse.Namespace) -> None:
     print(trust_tables([f / CARD_NAME for f in folders]))
 
 
+def _split(card: dict) -> str:
+    """Which split a model was trained and tested on, and how many test images: `(per-image, 489)`."""
+    folder = Path(card["data"]["splits"]["test"]["file"]).parent.name
+    n = card.get("metrics", {}).get("test_images", "?")
+    return f"({'grouped' if folder == 'grouped' else 'per-image'}, {n})"
+
+
 def _rate(r: dict) -> str:
     return f"{r['rate']:.3f} ({r['ci95'][0]:.3f}–{r['ci95'][1]:.3f})" if r["n"] else "–"
 
 
 def trust_tables(cards: list[Path]) -> str:
     """Served answers (gate, band, calibration) per artifact; subtypes and predictive values of the default."""
-    rows = ["| served answers, test split (489 images) | refused by the gate | borderline | refused in all (95 % CI) "
+    rows = ["| served answers, the model's test split | refused by the gate | borderline | refused in all (95 % CI) "
             "| sensitivity on answered (95 % CI) | specificity on answered (95 % CI) | ECE of P(ALL) before → after "
             "| failed captures + photographs refused | BCCD fields / white-cell crops refused | OOD-score AUROC |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -240,7 +247,8 @@ def trust_tables(cards: list[Path]) -> str:
             r, a, c = t["refusal"], t["answered"], t["calibration"]
             extra = (f"{_rate(ood['summary']['failed_and_photographs_refused'])} | {bccd} | "
                      f"{ood['summary']['auroc_ood_score_failed_and_photographs']:.3f}") if kind == "int8" else " | | "
-            rows.append(f"| `{card['name']}` {kind} | {r['gate']['k']} ({r['gate']['rate']:.3f}) | {r['borderline']['k']} "
+            rows.append(f"| `{card['name']}` {kind} {_split(card)} | {r['gate']['k']} ({r['gate']['rate']:.3f}) | "
+                        f"{r['borderline']['k']} "
                         f"({r['borderline']['rate']:.3f}) | {r['total']['k']}: {_rate(r['total'])} | {_rate(a['sensitivity'])} "
                         f"| {_rate(a['specificity'])} | {c['ece_p_all_before']:.3f} → {c['ece_p_all_after']:.3f} | {extra} |")
     if default:
@@ -304,7 +312,7 @@ def results_table(cards: list[Path]) -> str:
         entry = card.get("metrics", {}).get("cv", {}).get(mode, {}).get(key)
         return f"{entry['mean']:.3f} ± {entry['sd']:.3f}" if entry else "–"
 
-    rows = ["| model (test split, 489 images, plain threshold) | balanced acc. | sensitivity (95 % CI) | specificity (95 % CI) "
+    rows = ["| model (its test split, plain threshold) | balanced acc. | sensitivity (95 % CI) | specificity (95 % CI) "
             "| ROC AUC | grayscale: "
             "bal. acc. / AUC | hue-shifted: bal. acc. / AUC | int8 = float32 | 5-fold CV bal. acc. | 5-fold CV AUC |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -319,7 +327,7 @@ def results_table(cards: list[Path]) -> str:
             cv_cells = (cv(card, "colour", "balanced_accuracy"), cv(card, "colour", "roc_auc")) if kind == "int8" \
                 else ("", "")
             served = " (served default)" if path.parent == DEFAULT_ARTIFACT.parent and kind == "int8" else ""
-            rows.append(f"| `{card['name']}` {kind}{served} "
+            rows.append(f"| `{card['name']}` {kind}{served} {_split(card)} "
                         f"| {f(c, 'balanced_accuracy')} | {ci(c, 'sensitivity')} | {ci(c, 'specificity')} | "
                         f"{f(c, 'roc_auc')} | {f(g, 'balanced_accuracy')} / {f(g, 'roc_auc')} | "
                         f"{f(h, 'balanced_accuracy')} / {f(h, 'roc_auc')} | {agreement} | {cv_cells[0]} | {cv_cells[1]} |")
