@@ -99,7 +99,7 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
     section["gate_file"] = {"file": gate_file.name, "sha256": file_sha256(gate_file)}
     section["validation_fit"] = fit_report
     section["rules"] = (f"gate thresholds on the validation split (quality: no image refused; out-of-distribution "
-                        f"score: at most {MAX_GATE_REFUSAL:.0%} refused in all); on the images it passes: "
+                        f"score: at most {MAX_GATE_REFUSAL:.1%} refused in all); on the images it passes: "
                         f"temperature and bias by maximum likelihood, threshold = highest P(ALL) with sensitivity "
                         f">= {MIN_SENSITIVITY}, band = narrowest containing the threshold and calibrated 0.5 "
                         f"outside which sensitivity >= {BAND_SENSITIVITY} and specificity >= {BAND_SPECIFICITY}")
