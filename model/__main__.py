@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", help="data root (default: $ALLDS_DATA)")
     common.add_argument("--seed", type=int, default=42)
-    p = sub.add_parser("split", parents=[common], help="write the leakage-free train/val/test lists")
+    p = sub.add_parser("split", parents=[common], help="write the per-image train/val/test lists (duplicates kept together)")
     p.set_defaults(func=cmd_split)
     p = sub.add_parser("twins", parents=[common], help="find field twins (translation-tolerant matching), write the list")
     p.add_argument("--scores", default="runs/twins/scores.npy", help="score matrix cache (computed when absent)")

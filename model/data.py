@@ -1,4 +1,4 @@
-"""Dataset adapters (ALL_Aria2021, ALL-IDB1), duplicate groups and leakage-free splits.
+"""Dataset adapters (ALL_Aria2021, ALL-IDB1), duplicate groups and the committed splits.
 
 Paths are kept relative to the data root; images are read from `ALLDS_DATA` (or a flag), never
 copied into the repository. This module does not import TensorFlow.
