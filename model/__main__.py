@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     root = data.data_root(args.data)
     out = train(root, args.arch, args.epochs, args.seed, args.classes, Path(args.out) if args.out else None,
-                args.limit, args.split)
+                args.limit, args.split, Path(args.trained) if args.trained else None)
     fit_policy(out, root, args.seed)
     metrics = evaluate_artifacts(out, root, args.seed)
     _store(out, {"baseline": run_baseline(root, args.seed)})
@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", choices=["binary", "subtype"], default="binary")
     p.add_argument("--out", help="artifact folder (default model/artifacts/NAME)")
     p.add_argument("--limit", type=int, help="at most N images per split (smoke runs)")
+    p.add_argument("--trained", help="package this already trained .keras of the recipe (history.json beside it) "
+                                     "instead of fitting: a run whose export failed")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("export", parents=[common], help="re-export an artifact folder's .tflite files from its .keras")
     p.add_argument("--artifact", help="artifact file or folder (default: the served model)")

@@ -36,19 +36,24 @@ def with_features(model: keras.Model) -> tuple[keras.Model, list[int]]:
     pooling stage and of the last spatial feature map, concatenated; and the widths of those pieces.
     `cellnet`: 32 + 64 + 112 + 160 + 224 = 592 values (the last being its own global average pooling);
     `allds2020`, whose head flattens 75,000 values: the 30 channel means of its pooling layer.
-    Early stages see what the last one misses (washed-out or blurred captures). Both networks are
-    chains of layers, so they are re-traced layer by layer (this also gives Sequential models a graph).
+    Early stages see what the last one misses (washed-out or blurred captures). Sequential models are
+    re-traced layer by layer to give them a graph; functional ones are tapped in their own graph.
     """
-    inputs = keras.Input(model.input_shape[1:], name="image")
-    x, taps, last = inputs, [], None
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        x = layer(x)
-        if len(x.shape) == 4:
-            last = x
+    if isinstance(model, keras.Sequential):  # no graph of its own: re-trace it layer by layer
+        inputs = keras.Input(model.input_shape[1:], name="image")
+        outputs, x = [], inputs
+        for layer in model.layers:
+            x = layer(x)
+            outputs.append((layer, x))
+    else:  # a functional graph (cellnet's standardised input branches): read its own tensors
+        inputs, x = model.inputs, model.outputs[0]
+        outputs = [(layer, layer.output) for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    taps, last = [], None
+    for layer, out in outputs:
+        if len(out.shape) == 4 and out.shape[1] > 1:
+            last = out
             if isinstance(layer, keras.layers.MaxPooling2D):
-                taps.append(x)
+                taps.append(out)
     if last is None:
         raise ValueError(f"{model.name} has no spatial feature map")
     if not taps or taps[-1] is not last:

@@ -147,11 +147,13 @@ def fit(recipe_name: str, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
 
 
 def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, out_dir: Path | None = None,
-          limit: int | None = None, split: str = "") -> Path:
+          limit: int | None = None, split: str = "", trained: Path | None = None) -> Path:
     """Train recipe `arch`, pick the operating point on validation, export the artifacts and write the card.
 
     `limit` keeps a seeded random subset of at most that many images per split (smoke runs);
-    `split` names a sub-folder of the data set's split lists (`grouped`), "" the per-image split.
+    `split` names a sub-folder of the data set's split lists (`grouped`), "" the per-image split;
+    `trained` is a `.keras` file this recipe already trained on that split (with its `history.json`
+    beside it): it is packaged as if it had just been fitted, so an export that failed needs no retraining.
     """
     dataset, samples = data.load_dataset(root)
     splits = data.load_splits(dataset, samples, seed, split)
@@ -162,7 +164,11 @@ def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, ou
     x = {k: data.load_images(root, v, size) for k, v in splits.items() if k != "test"}
     y = {k: targets(v, classes) for k, v in splits.items()}
     names = class_names(classes)
-    model, history = fit(arch, x["train"], y["train"], x["val"], y["val"], len(names), seed, epochs)
+    if trained:
+        model = keras.models.load_model(trained, compile=False)
+        history = json.loads((trained.parent / "history.json").read_text())
+    else:
+        model, history = fit(arch, x["train"], y["train"], x["val"], y["val"], len(names), seed, epochs)
     threshold = choose_threshold(np.array([s.label for s in splits["val"]]), p_all(model, x["val"]), MIN_SENSITIVITY)
     name = arch if classes == "binary" else f"{arch}_{classes}"
     out_dir = out_dir or ARTIFACTS / name
