@@ -81,3 +81,17 @@ def test_predict_reads_the_output_quantisation_step_and_the_cli_compares(tmp_pat
     same = subprocess.run([sys.executable, str(REPO / "deploy/pi_check.py"), "compare", str(out), str(out)],
                           cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": str(REPO)})
     assert same.returncode == 0 and "MISMATCH" not in same.stdout
+
+
+def test_answers_may_differ_by_one_output_step_with_the_same_decision():
+    """Seen on the emulated Cortex-A72: P(Benign) one int8 step (1/256) apart, P(ALL) and the diagnosis the
+    same, so the calibrated confidence moved too. That is the arithmetic of another CPU, not another answer."""
+    x86 = {"results": [reply("a.jpg", "Negative", 0.027344)]}
+    arm = {"results": [reply("a.jpg", "Negative", 0.027344)]}
+    arm["results"][0]["reply"]["probabilities"]["Benign"] += STEP
+    arm["results"][0]["reply"]["confidence"] = 0.962146
+    assert pi_check.answers(x86, arm) == ([], 1)
+    arm["results"][0]["reply"]["probabilities"]["Benign"] += STEP  # two steps: a different answer
+    assert pi_check.answers(x86, arm)[1] == 0
+    flipped = {"results": [reply("a.jpg", "Positive", 0.027344)]}
+    assert pi_check.answers(x86, flipped)[1] == 0
