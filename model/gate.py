@@ -100,6 +100,14 @@ def quality_reasons(stats: dict[str, np.ndarray], thresholds: dict[str, float]) 
     return reasons
 
 
+def _whitener(covariance: np.ndarray, floor: float = 1e-6) -> np.ndarray:
+    """W with W W^T = covariance^-1, from its eigen-decomposition; eigenvalues below `floor` x the largest
+    are raised to it (dead channels give a singular covariance, where a Cholesky factor does not exist)."""
+    values, vectors = np.linalg.eigh(covariance)
+    values = np.maximum(values, floor * values.max())
+    return (vectors / np.sqrt(values)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class FeatureDensity:
     """Class-conditional Gaussians with a shared (Ledoit-Wolf shrunk) covariance per feature piece
@@ -120,9 +128,9 @@ class FeatureDensity:
             classes = np.unique(labels)
             mu = np.stack([piece[labels == c].mean(0) for c in classes])
             residuals = np.concatenate([piece[labels == c] - mu[k] for k, c in enumerate(classes)])
-            precision = LedoitWolf().fit(residuals).precision_
+            covariance = LedoitWolf().fit(residuals).covariance_
             means.append(mu.astype(np.float32))
-            whiteners.append(np.linalg.cholesky(precision).astype(np.float32))
+            whiteners.append(_whitener(covariance))
         return cls(tuple(segments), tuple(means), tuple(whiteners), tuple(1.0 for _ in segments))
 
     @cached_property
