@@ -41,3 +41,17 @@ def test_cellnet_input_variants_fit_the_pi_budget_and_do_what_they_say():
     standardised = ARCHITECTURES["cellnet_standardised"]()
     relit = 0.6 * x + np.array([0.1, 0.05, 0.2], np.float32)  # each channel's level and contrast changed
     np.testing.assert_allclose(standardised(x, training=False), standardised(relit, training=False), atol=1e-4)
+
+
+def test_features_output_of_a_branching_input_keeps_the_network_it_taps():
+    """`cellnet_standardised` computes its input statistics in side branches (ops, not layers): the
+    second output must tap the trained graph itself, and its probabilities stay the network's own."""
+    from model.export import with_features
+    from model.networks import ARCHITECTURES
+
+    net = ARCHITECTURES["cellnet_standardised"](n_classes=2)
+    tapped, widths = with_features(net)
+    x = np.random.default_rng(0).random((3, 128, 128, 3), dtype=np.float32)
+    out = tapped(x)
+    assert widths == [32, 64, 112, 160, 224] and out["features"].shape == (3, sum(widths))
+    np.testing.assert_allclose(out["probabilities"].numpy(), net(x).numpy(), atol=1e-6)
