@@ -121,10 +121,12 @@ def measure_fleet(sizes: list[int], quota: float, images: int, data: Path) -> li
     return rows
 
 
-def render(rows: list[dict], quota: float) -> str:
-    lines = [f"Each agent in its own cgroup v1 `cpu` group with a quota of {quota:g} CPU (a Pi-like slice; "
+def render(rows: list[dict], quota: float, images: int) -> str:
+    lines = ["## Fleet: agents with a Pi-sized CPU slice behind one broker", "",
+             f"Each agent in its own cgroup v1 `cpu` group with a quota of {quota:g} CPU (a Pi-like slice; "
              "`model.threads` 1, `decode_workers` 1), one pool (`$share/`) behind one Mosquitto; broker and load "
-             f"generator outside the quotas. Command: `python bench/fleet.py --quota {quota:g}`.", "",
+             f"generator outside the quotas. Command: `python bench/fleet.py --quota {quota:g} --images {images} "
+             "--out bench/RESULTS.md`.", "",
              "| agents | images/s | x one agent | ideal | p50 ms (64 in flight) | CPU per agent | answered | lost | "
              "answered twice |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -147,7 +149,7 @@ def main() -> None:
         print("fleet: needs root and cgroup v1's cpu controller at /sys/fs/cgroup/cpu", file=sys.stderr)
         sys.exit(2)
     rows = measure_fleet(args.agents, args.quota, args.images, Path(args.data))
-    table = render(rows, args.quota)
+    table = render(rows, args.quota, args.images)
     print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
