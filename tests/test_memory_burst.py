@@ -7,18 +7,11 @@ from __future__ import annotations
 import random
 
 from agent.config import Inference
-from bench.memory import MEMORY_MAX_MIB, max_jpeg, max_png
+from bench.memory import MEMORY_MAX_MIB, max_jpeg, max_png, proc_status
 from tests.helpers import BASE
 
 INFERENCE, DIAGNOSIS = f"{BASE}/Inference", f"{BASE}/Diagnosis"
 BURST = 48
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def test_a_burst_of_maximum_size_images_stays_under_memory_max(broker, client, start_agent, data_root):
@@ -37,7 +30,7 @@ def test_a_burst_of_maximum_size_images_stays_under_memory_max(broker, client, s
         answers[reply["id"]] = reply
     busy = sum(1 for r in answers.values() if r.get("error", {}).get("code") == "busy")
     served = sum(1 for r in answers.values() if "diagnosis" in r)
-    peak = peak_rss_mib(agent.proc.pid)
+    peak = proc_status(agent.proc.pid, "VmHWM")
     print(f"\n{BURST} maximum-size images ({limits.max_pixels} px, {limits.max_payload_bytes} bytes) at once: "
           f"{served} served, {busy} busy, agent peak RSS {peak:.0f} MiB (MemoryMax {MEMORY_MAX_MIB} MiB)")
     assert served + busy == BURST and served > 0
