@@ -41,12 +41,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until something listens on the port; fail at once, with its stderr, if `proc` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}: {err}")
         time.sleep(0.02)
     raise TimeoutError(f"nothing listening on {port}")
 
@@ -72,7 +76,11 @@ class Broker:
     def start(self, wait_for: int | None = None) -> Broker:
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        wait_port(wait_for or self.port)
+        try:
+            wait_port(wait_for or self.port, proc=self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}\nbroker log:\n{self.log()[-2000:]}") from None
         return self
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ import json
 import cv2
 import numpy as np
 
+from bench.memory import proc_status
 from tests.helpers import BASE
 from tests.test_preprocess import encode, jpeg_declaring, png_declaring
 
@@ -16,15 +17,8 @@ RSS_BOUND_MB = 350  # LiteRT agent (~100 MB) + up to 10 payloads of 10 MiB in fl
 OVER_LIMIT = 10 * 1024 * 1024 + 1024  # over max_payload_bytes, within the packet headroom: reaches the agent
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
 def test_hostile_payload_suite(broker, client, start_agent, data_root):
-    agent = start_agent(broker.port)  # the shipped limits: max_inflight 32, max_payload_bytes 10 MiB
+    agent = start_agent(broker.port)  # the shipped limits: max_inflight 8, max_payload_bytes 10 MiB
     client.expect(f"{BASE}/Status", 20, lambda m: m.payload == b"ONLINE")
     jpeg = (data_root / "Benign/WBC-Benign-003.jpg").read_bytes()
     cell = cv2.imread(str(data_root / "Benign/WBC-Benign-003.jpg"))
@@ -60,7 +54,7 @@ def test_hostile_payload_suite(broker, client, start_agent, data_root):
     envelope = {"id": "finally", "name": "ok.jpg", "image": base64.b64encode(jpeg).decode()}
     client.publish(INFERENCE, json.dumps(envelope))
     assert client.expect_json(DIAGNOSIS, id="finally")["diagnosis"] in ("Positive", "Negative")
-    peak = peak_rss_mb(agent.proc.pid)
+    peak = proc_status(agent.proc.pid, "VmHWM")
     print(f"\nagent peak RSS {peak:.0f} MB (bound {RSS_BOUND_MB} MB)")
     assert peak < RSS_BOUND_MB
     assert agent.proc.poll() is None

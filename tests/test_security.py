@@ -42,14 +42,19 @@ def certs(tmp_path_factory):
     return out, other
 
 
+def write_passwd(path: Path) -> Path:
+    """A Mosquitto password file with every login of PASSWORDS."""
+    path.touch()
+    for login, password in PASSWORDS.items():
+        subprocess.run(["mosquitto_passwd", "-b", str(path), login, password], check=True)
+    path.chmod(0o600)
+    return path
+
+
 @pytest.fixture
 def secure_broker(tmp_path, certs):
     out, _ = certs
-    passwd = tmp_path / "passwd"
-    passwd.touch()
-    for user, password in PASSWORDS.items():
-        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
-    passwd.chmod(0o600)
+    passwd = write_passwd(tmp_path / "passwd")
     acl = site_acl(tmp_path / "acl", "allds-requester-2")
     tls = (f"cafile {out / 'ca.crt'}\ncertfile {out / 'broker.crt'}\nkeyfile {out / 'broker.key'}\n"
            "tls_version tlsv1.2\n")
@@ -201,11 +206,7 @@ def test_requesters_read_public_answers_and_only_their_own_private_ones(secure_b
 def shipped_broker(tmp_path: Path, name: str, certs) -> Broker:
     """A broker config of deploy/mosquitto/ as shipped, with its files and ports pointed at tmp_path."""
     out, _ = certs
-    passwd = tmp_path / "passwd"
-    passwd.touch()
-    for login, password in PASSWORDS.items():
-        subprocess.run(["mosquitto_passwd", "-b", str(passwd), login, password], check=True)
-    passwd.chmod(0o600)
+    passwd = write_passwd(tmp_path / "passwd")
     plain, tls, websockets = free_port(), free_port(), free_port()
     (tmp_path / "www").mkdir()
     text = (REPO / "deploy/mosquitto" / name).read_text()
