@@ -26,6 +26,9 @@ def allds2020(n_classes: int = 2, input_size: int = 100) -> keras.Model:
     )
 
 
+STANDARDISE = "standardise"  # name prefix of the per-image standardisation's layers (kept float32 in int8 files)
+
+
 def _conv_bn_relu(x, filters: int, strides: int = 1):
     x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
     x = layers.BatchNormalization(momentum=0.9)(x)  # 72 steps an epoch: track the weights closely
@@ -45,8 +48,9 @@ def cellnet(n_classes: int = 2, input_size: int = 128, dropout: float = 0.3, col
     if colour_input == "value":
         x = ops.max(inputs, axis=-1, keepdims=True)
     elif colour_input == "standardised":  # image means by average pooling: XNNPACK runs it, int8 MEAN is slow
-        centred = inputs - layers.AveragePooling2D(input_size)(inputs)
-        x = centred * ops.rsqrt(layers.AveragePooling2D(input_size)(centred * centred) + 1e-4)
+        centred = inputs - layers.AveragePooling2D(input_size, name=f"{STANDARDISE}_mean")(inputs)
+        variance = layers.AveragePooling2D(input_size, name=f"{STANDARDISE}_variance")(centred * centred)
+        x = centred * ops.rsqrt(variance + 1e-4)
     x = _conv_bn_relu(x, 24, strides=2)  # 64x64
     for filters in (32, 64, 112, 160):  # 64 -> 32 -> 16 -> 8 -> 4
         x = _conv_bn_relu(x, filters)

@@ -55,3 +55,32 @@ def test_features_output_of_a_branching_input_keeps_the_network_it_taps():
     out = tapped(x)
     assert widths == [32, 64, 112, 160, 224] and out["features"].shape == (3, sum(widths))
     np.testing.assert_allclose(out["probabilities"].numpy(), net(x).numpy(), atol=1e-6)
+
+
+def _ops_and_input_types(blob: bytes) -> list[tuple[str, str]]:
+    """(op name, dtype of its first input) of each op of a LiteRT flatbuffer."""
+    from tensorflow.lite.python.interpreter import Interpreter  # TensorFlow is loaded: not LiteRT's wrapper
+
+    interp = Interpreter(model_content=blob)
+    dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in interp.get_tensor_details()}
+    return [(op["op_name"], dtypes.get(op["inputs"][0], "")) for op in interp._get_ops_details()]
+
+
+def test_int8_export_keeps_a_per_image_standardisation_in_float():
+    """A low-contrast image spans a few int8 steps of the centred input: quantised, the standardisation
+    amplifies those steps into the network's input (a trained model's P(ALL) moved by up to 0.93).
+    Its ops stay float32 in the int8 file; every convolution is still int8."""
+    from model.export import to_tflite, with_features
+    from model.networks import ARCHITECTURES
+
+    rng = np.random.default_rng(0)
+    served, _ = with_features(ARCHITECTURES["cellnet_standardised"](n_classes=2))
+    pattern = rng.random((24, 128, 128, 3), dtype=np.float32)
+    contrast = np.array([0.02, 0.3, 1.0], np.float32)[np.arange(24) % 3, None, None, None]
+    images = (0.5 + contrast * (pattern - 0.5)).astype(np.float32)  # low, medium and full contrast
+    ops = _ops_and_input_types(to_tflite(served, images))
+    standardisation = [t for name, t in ops if name in ("RSQRT", "AVERAGE_POOL_2D", "SUB")]
+    assert standardisation and set(standardisation) == {"float32"}, ops
+    assert {t for name, t in ops if name == "CONV_2D"} == {"int8"}, ops
+    plain = _ops_and_input_types(to_tflite(with_features(ARCHITECTURES["cellnet"](n_classes=2))[0], images))
+    assert {t for name, t in plain if name not in ("QUANTIZE",)} == {"int8"}, plain  # unchanged: all int8
