@@ -211,3 +211,14 @@ def test_replay_of_real_images(broker, client, online, data_root, tmp_path):
     assert "sensitivity" in result.stdout and "latency ms: p50" in result.stdout
     m = report["metrics"]
     assert m["tp"] + m["fp"] + m["tn"] + m["fn"] + sum(report["indeterminate"].values()) == 120
+
+
+@pytest.mark.parametrize("name", ["cellnet_standardised", "cellnet_subtype"])  # allds2020: tests/test_delivery.py
+def test_each_selectable_model_serves_over_the_wire(broker, client, start_agent, image, name):
+    """`model.name` picks any shipped model; cellnet_standardised's int8 file mixes float32 and int8 ops."""
+    start_agent(broker.port, model={"name": name})
+    assert client.expect(STATUS, 30, lambda m: m.payload == b"ONLINE")
+    assert json.loads(client.expect(LIFE, 15).payload)["Agent"]["model"] == name
+    client.publish(INFERENCE, json.dumps({"id": name, "image": base64.b64encode(image).decode()}))
+    reply = client.expect_json(DIAGNOSIS, 30, id=name)
+    assert reply["model"]["name"] == name and reply["diagnosis"] == "Positive", reply

@@ -86,7 +86,7 @@ def test_assess_is_one_invocation_per_batch(served, data_root, held_out):
     assert run.call_count == 1 and len(diagnoses) == 8
 
 
-@pytest.mark.parametrize("name", ["cellnet", "allds2020"])
+@pytest.mark.parametrize("name", ["cellnet", "allds2020", "cellnet_standardised"])
 def test_gate_files_match_the_cards_and_every_kind_assesses(name, data_root, held_out):
     folder = ARTIFACTS / name
     card = json.loads((folder / CARD_NAME).read_text())
