@@ -7,13 +7,13 @@ a drop below one means the served model or the serving path changed for the wors
 
 from __future__ import annotations
 
-import json
+import functools
 
 import numpy as np
 import pytest
 
 from model import data, stains
-from model.classifier import CARD_NAME, DEFAULT_ARTIFACT, Classifier
+from model.classifier import DEFAULT_ARTIFACT, Classifier, read_card
 from model.evaluate import score
 from model.grouped import GROUPED
 
@@ -52,21 +52,15 @@ ARTIFACTS = DEFAULT_ARTIFACT.parent.parent
 def grouped_test(data_root):
     dataset, samples = data.load_dataset(data_root)
     test = data.load_splits(dataset, samples, split=GROUPED)["test"]
-    images: dict[int, np.ndarray] = {}  # by input size, decoded once for every model of that size
-
-    def at(size: int) -> np.ndarray:
-        if size not in images:
-            images[size] = data.load_images(data_root, test, size)
-        return images[size]
-
-    return at, np.array([s.label for s in test])
+    images_at = functools.cache(lambda size: data.load_images(data_root, test, size))  # once per input size
+    return images_at, np.array([s.label for s in test])
 
 
 @pytest.mark.parametrize("name", FLOORS)
 @pytest.mark.parametrize("variant", stains.VARIANTS)
 def test_models_meet_the_grouped_floors(grouped_test, name, variant):
     images_at, labels = grouped_test
-    card = json.loads((ARTIFACTS / name / CARD_NAME).read_text())
+    card = read_card(ARTIFACTS / name)
     shifted = stains.apply_variant(images_at(card["input_size"]), variant, 0)
     decisions = {}
     for kind in ("float32", "int8"):
@@ -92,7 +86,7 @@ def test_covering_the_scale_bar_changes_almost_no_decision(grouped_test, name):
     """A class-correlated burned-in mark must not carry the decision: with the corner covered, at most
     1 % of the grouped test decisions change (measured: cellnet 3 of 506, cellnet_standardised 4)."""
     images_at, labels = grouped_test
-    card = json.loads((ARTIFACTS / name / CARD_NAME).read_text())
+    card = read_card(ARTIFACTS / name)
     clf = Classifier.load(ARTIFACTS / name / card["artifacts"]["int8"]["file"])
     images = images_at(card["input_size"])
     _, plain = score(clf, images, labels)
