@@ -107,7 +107,7 @@ class Model:
 
     dir: str = key("model/artifacts", "Folder of models, one sub-folder per model name with its card and artifacts; "
                                       "relative to the project.")
-    name: str = key("cellnet", "Model served at start; `Reload` commands name another model of `dir`.",
+    name: str = key("cellnet_standardised", "Model served at start; `Reload` commands name another model of `dir`.",
                     pattern=MODEL_NAME, pattern_doc="letters, digits, `.`, `_`, `-`; no path")
     variant: str = key("int8", "Artifact of the model card served: LiteRT `int8` or `float32`, or `keras` (TensorFlow).",
                        choices=("int8", "float32", "keras"))

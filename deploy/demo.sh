@@ -28,7 +28,7 @@ status="$(timeout 30 mosquitto_sub -h 127.0.0.1 -p 1884 -t "$base/Status" -C 1 |
 [ "$status" = "ONLINE" ] || { cat "$work/agent.log" >&2; echo "demo: agent did not come ONLINE" >&2; exit 1; }
 echo "agent ONLINE; watch with: mosquitto_sub -h 127.0.0.1 -p 1884 -v -t '$base/#'" >&2
 echo "lab console: http://127.0.0.1:9001/ (open it in a browser on this machine and press Connect)" >&2
-"$PY" -m agent.replay data/aria2021/test.txt --data "$ALLDS_DATA" --config config/demo.yaml \
+"$PY" -m agent.replay data/aria2021/grouped/test.txt --data "$ALLDS_DATA" --config config/demo.yaml \
   --report-dir reports/demo "$@"
 echo "report: reports/demo/report.json, confusion_matrix.png, latency_histogram.png" >&2
 if [ -t 0 ]; then

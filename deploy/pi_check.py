@@ -5,8 +5,9 @@ on a mismatch.
 
 Decision rule for `compare`: an image's decision may differ between the two machines only when its two
 P(ALL) differ by at most one output quantisation step (so both lie within a step of the card's threshold);
-the step is the scale of the int8 artifact's int8 softmax output, 1/256, and float32 artifacts use their
-int8 sibling's. Any other differing decision fails, and so does an artifact file that differs.
+the step is the scale of the int8 artifact's int8 softmax output, 1/256; float32 artifacts use their
+int8 sibling's, and a model whose int8 file ends in a float32 softmax (cellnet_standardised) 1/256. Any
+other differing decision fails, and so does an artifact file that differs.
 """
 
 from __future__ import annotations

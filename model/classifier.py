@@ -285,4 +285,4 @@ def _keras_runner(path: Path) -> Runner:
     return run
 
 
-DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "cellnet" / "cellnet_int8.tflite"
+DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "cellnet_standardised" / "cellnet_standardised_int8.tflite"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from model.classifier import DEFAULT_ARTIFACT
 from tests.helpers import BASE, REPO, Client
 
 STATUS, LIFE, INFERENCE = f"{BASE}/Status", f"{BASE}/Life", f"{BASE}/Inference"
@@ -54,7 +55,7 @@ def test_life_has_numeric_hias_fields(client, online):
     for key in ("CPU", "Memory", "Diskspace", "Latitude", "Longitude"):
         assert isinstance(life[key], (int, float)) and not isinstance(life[key], bool), key
     assert life["Temperature"] is None or isinstance(life["Temperature"], (int, float))
-    assert life["Agent"]["model"] == "cellnet"
+    assert life["Agent"]["model"] == DEFAULT_ARTIFACT.parent.name
 
 
 def test_raw_bytes_with_v5_response_topic_and_correlation(client, online, image):
@@ -213,9 +214,9 @@ def test_replay_of_real_images(broker, client, online, data_root, tmp_path):
     assert m["tp"] + m["fp"] + m["tn"] + m["fn"] + sum(report["indeterminate"].values()) == 120
 
 
-@pytest.mark.parametrize("name", ["cellnet_standardised", "cellnet_subtype"])  # allds2020: tests/test_delivery.py
+@pytest.mark.parametrize("name", ["cellnet", "cellnet_subtype"])  # allds2020: tests/test_delivery.py
 def test_each_selectable_model_serves_over_the_wire(broker, client, start_agent, image, name):
-    """`model.name` picks any shipped model; cellnet_standardised's int8 file mixes float32 and int8 ops."""
+    """`model.name` picks any shipped model besides the default (which mixes float32 and int8 ops)."""
     start_agent(broker.port, model={"name": name})
     assert client.expect(STATUS, 30, lambda m: m.payload == b"ONLINE")
     assert json.loads(client.expect(LIFE, 15).payload)["Agent"]["model"] == name

@@ -27,7 +27,7 @@ from model import bundle as b
 from model.classifier import CARD_NAME, DEFAULT_ARTIFACT, Classifier, read_card
 from tests.helpers import REPO
 
-CELLNET = DEFAULT_ARTIFACT.parent
+CELLNET = DEFAULT_ARTIFACT.parent.parent / "cellnet"
 ALLDS2020 = CELLNET.parent / "allds2020"
 LIMIT = 64 << 20
 

@@ -22,6 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
 
+from model.classifier import CARD_NAME, DEFAULT_ARTIFACT
 from tests.helpers import BASE, REPO, Agent, Broker, Client, free_port, wait_port, write_config
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -221,8 +222,8 @@ def test_page_served_by_the_broker_shows_the_device_online(site, browser, screen
     wait(browser, lambda d: text(d, f'{card} [data-metric="CPU"]').endswith("%"), 15, "Life shown")
     wait(browser, lambda d: d.execute_script(
         "return document.querySelectorAll(arguments[0] + ' polyline').length", card) >= 3, 15, "trend lines")
-    model = json.loads((REPO / "model/artifacts/cellnet/model_card.json").read_text())
-    assert text(browser, f"{card} [data-field=model]") == "cellnet"
+    model = json.loads((DEFAULT_ARTIFACT.parent / CARD_NAME).read_text())
+    assert text(browser, f"{card} [data-field=model]") == model["name"]
     assert model["version"] in text(browser, card)
     assert attr(browser, "#conn-warning", "hidden") is not None  # no subscription refused by the shipped ACL
     assert text(browser, "#count-devices") == "(1/1 online)"
