@@ -176,7 +176,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     clf = Classifier.load(args.artifact or DEFAULT_ARTIFACT)
     dataset, samples = data.load_dataset(root)
     if args.split != "all":
-        samples = data.load_splits(dataset, samples, args.seed)[args.split]
+        samples = data.card_splits(clf.card, dataset, samples, args.seed)[args.split]
     labels, decisions, refused = [], [], 0
     for s in samples:
         try:
