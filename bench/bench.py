@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--saturation-n", type=int, default=1000)
     args = parser.parse_args()
     data = Path(args.data)
-    test_list = (REPO / "data/aria2021/test.txt").read_text().split()
+    test_list = (REPO / "data/aria2021/grouped/test.txt").read_text().split()
     small = [data / p for p in test_list]
     work = Path(tempfile.mkdtemp(prefix="allds-bench-"))
     os.chmod(work, 0o755)

@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
-    held_out = [Path(args.data) / p for p in (REPO / "data/aria2021/test.txt").read_text().split()]
+    held_out = [Path(args.data) / p for p in (REPO / "data/aria2021/grouped/test.txt").read_text().split()]
     paths = [held_out[i % len(held_out)] for i in range(args.n)]
     work = Path(tempfile.mkdtemp(prefix="allds-bench-brokers-"))
     os.chmod(work, 0o777)  # mosquitto started as root drops to user mosquitto

@@ -87,7 +87,7 @@ def run(port: int, paths: list[Path], concurrency: int) -> dict:
 
 def measure_fleet(sizes: list[int], quota: float, images: int, data: Path) -> list[dict]:
     """Throughput of a pool of each size, agents in their own quota'd cgroups."""
-    paths_all = [data / p for p in (REPO / "data/aria2021/test.txt").read_text().split()]
+    paths_all = [data / p for p in (REPO / "data/aria2021/grouped/test.txt").read_text().split()]
     work = Path(tempfile.mkdtemp(prefix="allds-fleet-"))
     os.chmod(work, 0o755)
     rows = []

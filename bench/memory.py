@@ -338,7 +338,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the Markdown section into this file")
     args = parser.parse_args()
     data = Path(args.data)
-    sources = [data / p for p in (REPO / "data/aria2021/test.txt").read_text().split()]
+    sources = [data / p for p in (REPO / "data/aria2021/grouped/test.txt").read_text().split()]
     work = Path(tempfile.mkdtemp(prefix="allds-memory-"))
     os.chmod(work, 0o755)
     cache: dict = {}

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("ALLDS_DATA", str(REPO.parent / "shared/data/ALL_Aria2021")))
     parser.add_argument("--out", type=Path, help="also write the Markdown section into this file")
     args = parser.parse_args()
-    paths = [Path(args.data) / p for p in (REPO / "data/aria2021/test.txt").read_text().split()]
+    paths = [Path(args.data) / p for p in (REPO / "data/aria2021/grouped/test.txt").read_text().split()]
     work = Path(tempfile.mkdtemp(prefix="allds-metrics-cost-"))
     os.chmod(work, 0o755)
     throughput: dict[str, list[float]] = {"off": [], "on": []}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Pi's software stack, proven without a Pi (Debian 12 x86_64, as root): an arm64 Debian bookworm
 # userland (debootstrap + qemu-user-static, Python 3.11) with requirements-runtime.txt in a venv, then
-#  (a) every shipped .tflite artifact on the held-out list data/aria2021/test.txt, there and here:
+#  (a) every shipped .tflite artifact on the served model's held-out list data/aria2021/grouped/test.txt, there and here:
 #      decision agreement and max |ΔP| per artifact (rule: deploy/pi_check.py);
 #  (b) the agent started inside the userland against a Mosquitto here (127.0.0.1, ephemeral port),
 #      20 test images replayed from here: its answers must equal those of the agent run here.
@@ -14,7 +14,7 @@
 # default cortex-a72, the Pi 4's).
 set -euo pipefail
 die() { echo "pi-check: $*" >&2; exit 2; }
-rebuild=0 LIST=data/aria2021/test.txt
+rebuild=0 LIST=data/aria2021/grouped/test.txt
 while [ $# -gt 0 ]; do
   case "$1" in
     --rebuild) rebuild=1; shift ;;

@@ -4,9 +4,9 @@ such runs up, `answers` lines up two agents' replay reports. Each comparison pri
 on a mismatch.
 
 Decision rule for `compare`: an image's decision may differ between the two machines only when its two
-P(ALL) differ by at most one output quantisation step (so both lie within a step of the card's threshold);
-the step is the scale of the int8 artifact's int8 softmax output, 1/256; float32 artifacts use their
-int8 sibling's, and a model whose int8 file ends in a float32 softmax (cellnet_standardised) 1/256. Any
+P(ALL) differ by at most one output step (so both lie within a step of the card's threshold): the most
+one int8 rounding step can move a probability (`model.classifier.output_step`: 1/256 behind an int8
+softmax, half the logits' scale behind a float32 one); float32 artifacts use their int8 sibling's. Any
 other differing decision fails, and so does an artifact file that differs.
 """
 
@@ -30,22 +30,6 @@ from model.preprocess import preprocess_file
 
 ARTIFACTS = Path(model.__file__).resolve().parent / "artifacts"
 BATCH = 32
-ANSWER_STEP = 1 / 256  # the output scale of the int8 softmax the agent serves
-
-
-def output_step(path: Path, n_classes: int) -> float | None:
-    """Scale of the int8 tensor the model's probabilities (the output `n_classes` wide) are dequantised
-    from; None for a float model."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path))
-    output = next(o["index"] for o in interp.get_output_details() if int(o["shape"][-1]) == n_classes)
-    tensors = {t["index"]: t for t in interp.get_tensor_details()}
-    for op in interp._get_ops_details():  # noqa: SLF001 - the only way LiteRT exposes the graph
-        if output in op["outputs"]:
-            scales = [tensors[i]["quantization"][0] for i in op["inputs"] if i >= 0 and tensors[i]["dtype"] == np.int8]
-            return float(scales[-1]) if scales else None
-    return None
 
 
 def predict(root: Path, names: list[str], models: Path) -> dict:
@@ -72,7 +56,7 @@ def predict(root: Path, names: list[str], models: Path) -> dict:
                 batches, desc=path.name, unit="batch", leave=False, disable=not sys.stderr.isatty())])
             result["artifacts"][f"{card['name']}/{path.name}"] = {
                 "model": card["name"], "kind": kind, "threshold": clf.threshold, "sha256": clf.sha256,
-                "step": output_step(path, len(card["classes"])), "p_all": [float(p) for p in p_all]}
+                "step": clf.output_step, "p_all": [float(p) for p in p_all]}
     return result
 
 
@@ -99,11 +83,11 @@ def compare(x86: dict, arm: dict) -> tuple[list[dict], bool]:
     return rows, ok
 
 
-def answers(x86: dict, arm: dict) -> tuple[list[str], int]:
+def answers(x86: dict, arm: dict, step: float = 1 / 256) -> tuple[list[str], int]:
     """Lines for images whose answers differ; the number that agree. Agree = the same diagnosis, reason
-    and model, and every class probability within one output step of the int8 artifact (1/256): the
-    emulated Cortex-A72's kernels may round one int8 output differently, and the calibrated
-    confidence, a function of those probabilities, moves with it."""
+    and model, and every class probability within `step`, one output step of the served int8 artifact
+    (`served_step`): the emulated Cortex-A72's kernels may round one int8 value differently, and the
+    calibrated confidence, a function of those probabilities, moves with it."""
     def by_path(report: dict) -> dict:
         return {r["path"]: r["reply"] for r in report["results"]}
 
@@ -117,13 +101,22 @@ def answers(x86: dict, arm: dict) -> tuple[list[str], int]:
             continue
         same = (a["diagnosis"] == b["diagnosis"] and a.get("reason") == b.get("reason")
                 and a["model"]["sha256"] == b["model"]["sha256"] and a["probabilities"].keys() == b["probabilities"].keys()
-                and all(abs(a["probabilities"][k] - b["probabilities"][k]) <= ANSWER_STEP + 1e-6 for k in a["probabilities"]))
+                and all(abs(a["probabilities"][k] - b["probabilities"][k]) <= step + 1e-6 for k in a["probabilities"]))
         if same:
             agreeing += 1
         else:
             keys = ("diagnosis", "reason", "confidence", "probabilities")
             problems.append(f"{Path(name).name}: x86 {[a.get(k) for k in keys]} arm64 {[b.get(k) for k in keys]}")
     return problems, agreeing
+
+
+def served_step(report: dict, models: Path = ARTIFACTS) -> float:
+    """One output step of the int8 artifact that answered a replay report (1/256 if it cannot be told)."""
+    names = {r["reply"]["model"]["name"] for r in report["results"] if r.get("reply") and "model" in r["reply"]}
+    if len(names) != 1 or not (models / next(iter(names))).is_dir():
+        return 1 / 256
+    card = read_card(models / next(iter(names)))
+    return Classifier.load(models / card["name"] / card["artifacts"]["int8"]["file"]).output_step or 1 / 256
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
                   + ("" if r["same_sha256"] else " (different file)")
                   + (f" ({r['tolerated']} within one step of the threshold)" if r["tolerated"] else ""))
         return 0 if ok and rows else 1
-    problems, equal = answers(x86, arm)
+    problems, equal = answers(x86, arm, served_step(x86))
     keys = ("diagnosis", "reason", "confidence", "probabilities")
     arm_replies = {r["path"]: r["reply"] for r in arm["results"]}
     identical = sum(1 for r in x86["results"] if r["reply"] and arm_replies.get(r["path"])
                     and all(r["reply"].get(k) == arm_replies[r["path"]].get(k) for k in keys))
     print(f"(b) agent answers, x86 vs arm64 agent: {equal} of {equal + len(problems)} agree (diagnosis, reason, "
-          f"model, probabilities within one int8 step), {identical} identical to the last digit")
+          f"model, probabilities within one output step), {identical} identical to the last digit")
     for line in problems:
         print("  " + line)
     return 0 if not problems and equal else 1

@@ -41,8 +41,9 @@ MAX_SIGNATURE_BLOCK = 4096
 MAX_MANIFEST = 1 << 20
 MAX_MEMBERS = 64
 MAX_CANARY_IMAGES = 64
-# A canary output may differ from the signer's by one int8 output step (1/256): LiteRT's int8 kernels
-# may round one step differently on another CPU; a different model or a broken runtime differs by far more.
+# A canary output may differ from the signer's by one int8 step of the artifact's output
+# (`Classifier.output_step`: 1/256 for an int8 softmax, at least that for any artifact): LiteRT's int8
+# kernels may round one step differently on another CPU; a different model or a broken runtime differs by far more.
 CANARY_TOLERANCE = 1 / 256 + 1e-6
 CANARY_INPUTS = "canary_inputs.npy"
 SIGNING_KEY, SIGNING_PUB = "signing.key", "signing.pub"
@@ -284,10 +285,11 @@ class VerifiedBundle:
                 raise BundleError(f"{folder.name} exists with other content; not overwritten")
         return folder
 
-    def check_canary(self, classifier: Classifier, tolerance: float = CANARY_TOLERANCE) -> float:
+    def check_canary(self, classifier: Classifier) -> float:
         """Run the canary inputs through `classifier` (loaded from this bundle's installed folder) one
         by one and return the largest deviation from the signer's probabilities; `BundleError` if any
-        output differs by more than `tolerance`, or the classifier is not this bundle's model."""
+        output differs by more than `canary_tolerance(classifier)`, or the classifier is not this bundle's model."""
+        tolerance = canary_tolerance(classifier)
         artifacts = self.card["artifacts"]
         variant = next((v for v, e in artifacts.items() if isinstance(e, dict) and e.get("file") == classifier.path.name),
                        None)
@@ -307,6 +309,11 @@ class VerifiedBundle:
                                   f"max |Δp| {deviation:.4f} > {tolerance:.4f}")
             worst = max(worst, deviation)
         return worst
+
+
+def canary_tolerance(classifier: Classifier) -> float:
+    """`CANARY_TOLERANCE`, or one output step of the classifier's int8 arithmetic where that is larger."""
+    return max(CANARY_TOLERANCE, (classifier.output_step or 0.0) + 1e-6)
 
 
 def verify_bundle(data: bytes, trusted_keys: list[Path], max_bytes: int) -> VerifiedBundle:

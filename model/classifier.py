@@ -15,6 +15,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,11 @@ class Classifier:
     def input_size(self) -> int:
         return int(self.card["input_size"])
 
+    @cached_property
+    def output_step(self) -> float | None:
+        """The most one int8 rounding step can move a class probability (`output_step`); None for float."""
+        return output_step(self.path.read_bytes(), len(self.classes)) if self.path.suffix == ".tflite" else None
+
     @property
     def threshold(self) -> float:
         """The operating threshold on P(ALL) of this artifact (fitted on its own validation outputs)."""
@@ -229,17 +235,43 @@ def artifact_kind(card: dict, path: Path) -> str:
     return "keras" if path.suffix == ".keras" else "float32" if "float32" in path.name else "int8"
 
 
+def _interpreter_class() -> type:
+    """LiteRT's interpreter, or TensorFlow's where TensorFlow is loaded (the two cannot share a process)."""
+    if "tensorflow" in sys.modules:
+        from tensorflow.lite.python.interpreter import Interpreter
+    else:
+        from ai_edge_litert.interpreter import Interpreter
+    return Interpreter
+
+
+def output_step(model_content: bytes, n_classes: int) -> float | None:
+    """The most one rounding step of the int8 arithmetic can move a class probability, or None for a
+    float model: an int8 softmax's output scale (1/256), or, for a float32 softmax on int8 logits, half
+    the logits' scale (two logits one step off move their difference two steps; dP <= d(difference) / 4).
+    Another CPU's int8 kernels may round one step differently (seen under arm64 emulation)."""
+    interp = _interpreter_class()(model_content=model_content)
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    producer = {out: op for op in interp._get_ops_details() for out in op["outputs"]}  # noqa: SLF001 - the graph
+    index = next(o["index"] for o in interp.get_output_details() if int(o["shape"][-1]) == n_classes)
+    through_softmax = False
+    while (op := producer.get(index)) is not None:
+        inputs = [i for i in op["inputs"] if i >= 0]
+        if op["op_name"] == "DEQUANTIZE" and tensors[inputs[0]]["dtype"] == np.int8:
+            scale = float(tensors[inputs[0]]["quantization"][0])
+            return scale / 2 if through_softmax else scale
+        if op["op_name"] == "SOFTMAX":
+            through_softmax = True
+        index = inputs[0]
+    return None
+
+
 def _litert_runner(model_content: bytes, threads: int, n_classes: int) -> Runner:
     """A LiteRT interpreter per batch size (resizing costs a re-allocation), created on first use.
 
     Artifacts keep float32 input and output; the int8 model quantises inside the graph. Exported
     artifacts have two outputs, told apart by width: probabilities (one per class) and features.
     """
-    if "tensorflow" in sys.modules:  # LiteRT's and TensorFlow's wrappers cannot share a process
-        from tensorflow.lite.python.interpreter import Interpreter
-    else:
-        from ai_edge_litert.interpreter import Interpreter
-
+    Interpreter = _interpreter_class()  # noqa: N806 - a class
     interpreters: dict[int, Interpreter] = {}
     outputs = Interpreter(model_content=model_content).get_output_details()
     widths = [int(o["shape"][-1]) for o in outputs]

@@ -28,11 +28,12 @@ LIFE_FIELDS = ("CPU", "Memory", "Diskspace", "Temperature", "Latitude", "Longitu
 
 # What an AllDS agent in the hias3 dialect publishes on {base}/Classification: a diagnosis is the
 # model's `Diagnosis` property; a model-delivery step is the model's state.
-CLASSIFICATION_DIAGNOSIS = {"Model": "cellnet", "Type": "Diagnosis", "Value": "Positive",
+CLASSIFICATION_DIAGNOSIS = {"Model": "cellnet_standardised", "Type": "Diagnosis", "Value": "Positive",
                             "Message": "Acute Lymphoblastic Leukemia detected"}
-CLASSIFICATION_STATE = {"Model": "cellnet", "State": "active", "Message": "cellnet 2026-11-26 active"}
+CLASSIFICATION_STATE = {"Model": "cellnet_standardised", "State": "active",
+                        "Message": "cellnet_standardised 2026-12-01 active"}
 # The `models` attribute the IoT agent reads from the agent's HIASCDI entity (agent.py lines 472-498).
-HIASCDI_MODELS = [{"model": "cellnet", "context": {"states": {"value": ["received", "verified", "active", "failed",
+HIASCDI_MODELS = [{"model": "cellnet_standardised", "context": {"states": {"value": ["received", "verified", "active", "failed",
                                                                          "rolled_back"]},
                                                     "state": {"value": ""},
                                                     "properties": {"value": {"Diagnosis": {"value": ""}}}}}]
@@ -47,7 +48,8 @@ COMMAND_TO_DEVICE = {"Type": "Reload", "Property": "model", "Value": "cellnet", 
 HIASCDI_DEVICE = {"model": {"type": "Text", "value": "cellnet", "metadata": {
     "property": {"value": "model"}, "propertyId": {"value": "1"}, "propertyType": {"value": "Text"},
     "propertyName": {"value": "Model"}, "description": {"value": "Served model"},
-    "commands": {"value": {"Reload": ["cellnet", "allds2020"], "Rollback": ["previous"], "Life": ["now"]}}}}}
+    "commands": {"value": {"Reload": ["cellnet_standardised", "cellnet", "allds2020"], "Rollback": ["previous"],
+                           "Life": ["now"]}}}}}
 
 
 def dispatch(topic: str) -> str | None:

@@ -1,5 +1,5 @@
 """Run inside the installed Pi runtime venv (no TensorFlow): load every shipped `.tflite` with
-ai-edge-litert and check int8 against float32 on the held-out list; sign, verify, install and
+ai-edge-litert and check int8 against float32 on each model's own test split; sign, verify, install and
 canary-check a bundle of the served model. Prints one JSON line."""
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from model.classifier import DEFAULT_ARTIFACT, Classifier
 root = Path(sys.argv[1])
 artifacts = Path("model/artifacts")
 dataset, samples = data.load_dataset(root)
-test = data.load_splits(dataset, samples)["test"]
 result = {"tensorflow_importable": importlib.util.find_spec("tensorflow") is not None,
           "litert": importlib.metadata.version("ai-edge-litert"), "models": {}}
 for card in sorted(artifacts.glob("*/model_card.json")):
     info = json.loads(card.read_text())
-    images = data.load_images(root, test, info["input_size"])
+    images = data.load_images(root, data.card_splits(info, dataset, samples)["test"], info["input_size"])
     decisions = {}
     for kind in ("float32", "int8"):
         clf = Classifier.load(card.parent / info["artifacts"][kind]["file"])
@@ -37,6 +36,7 @@ with tempfile.TemporaryDirectory() as tmp:
                                bundle.make_canary(DEFAULT_ARTIFACT.parent, root, 4))
     verified = bundle.verify_bundle(made, [pub], len(made))
     folder = verified.install(Path(tmp) / "models")
-    deviation = verified.check_canary(Classifier.load(folder / verified.card["artifacts"]["int8"]["file"]))
-    result["bundle"] = {"folder": verified.folder_name, "canary_max_deviation": deviation}
+    classifier = Classifier.load(folder / verified.card["artifacts"]["int8"]["file"])
+    result["bundle"] = {"folder": verified.folder_name, "canary_max_deviation": verified.check_canary(classifier),
+                        "canary_tolerance": bundle.canary_tolerance(classifier)}
 print(json.dumps(result))

@@ -198,7 +198,7 @@ def _run_as_nobody(path: Path) -> subprocess.CompletedProcess:
 
 def test_replay_of_real_images(broker, client, online, data_root, tmp_path):
     listing = tmp_path / "list.txt"
-    test_list = (REPO / "data/aria2021/test.txt").read_text().splitlines()
+    test_list = (REPO / "data/aria2021/grouped/test.txt").read_text().splitlines()
     listing.write_text("\n".join(test_list[::4][:120]) + "\n")
     config = online.config
     result = subprocess.run([sys.executable, "-m", "agent.replay", str(listing), "--data", str(data_root),

@@ -302,3 +302,24 @@ def test_cli_keygen_bundle_verify(tmp_path, data_root):
     out.write_bytes(bytes(tampered))
     refused = run("verify-bundle", str(out), "--trusted", str(tmp_path / "keys" / "signing.pub"))
     assert refused.returncode == 1 and refused.stderr.strip() == "error: bad signature"
+
+
+def test_the_default_canary_allows_one_step_of_its_int8_logits_and_no_more(keys, data_root, tmp_path):
+    """The default's int8 file ends in a float32 softmax on int8 logits: one rounding step of those logits
+    (another CPU's kernels may take it, docs/pi.md) moves a probability by up to half their scale, more
+    than 1/256; two steps' worth is another model or a broken runtime."""
+    canary = b.make_canary(DEFAULT_ARTIFACT.parent, data_root, 8)
+    step = Classifier.load(DEFAULT_ARTIFACT).output_step
+    assert 1 / 256 < step < 0.05
+    middle = int(np.argmax(canary.expected["int8"].min(axis=1)))  # the least certain image: room both ways
+    for factor, accepted in ((0.9, True), (2.0, False)):
+        expected = canary.expected["int8"].copy()
+        expected[middle] += factor * step * np.array([1.0, -1.0])
+        altered = b.Canary(canary.inputs, canary.expected | {"int8": expected}, canary.images)
+        bundle = b.verify_bundle(b.build_bundle(DEFAULT_ARTIFACT.parent, keys["key"], altered), [keys["pub"]], LIMIT)
+        classifier = Classifier.load(bundle.install(tmp_path / str(factor)) / DEFAULT_ARTIFACT.name)
+        if accepted:
+            assert bundle.check_canary(classifier) <= step + 1e-6
+        else:
+            with pytest.raises(b.BundleError, match="canary mismatch"):
+                bundle.check_canary(classifier)

@@ -243,7 +243,8 @@ def test_page_served_by_the_broker_shows_the_device_online(site, browser, screen
 
 
 def test_dropped_images_show_the_agents_answers(site, browser, screens):
-    images = [Path(os.environ.get("ALLDS_DATA", "")) / line for line in (REPO / "data/aria2021/test.txt").read_text().split()]
+    held_out = (REPO / "data/aria2021/grouped/test.txt").read_text().split()
+    images = [Path(os.environ.get("ALLDS_DATA", "")) / line for line in held_out]
     picked = [next(p for p in images if p.parent.name == "Benign"), next(p for p in images if p.parent.name != "Benign")]
     open_tab(browser, "classify")
     assert "ONLINE" in text(browser, "#target-state")

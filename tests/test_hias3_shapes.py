@@ -53,7 +53,7 @@ def test_classification_diagnosis_and_state_payloads():
 
 def test_classification_mistakes():
     models = copy.deepcopy(h3.HIASCDI_MODELS)
-    other = h3.parse_classification(dumps(h3.CLASSIFICATION_DIAGNOSIS | {"Model": "Cellnet"}), models)
+    other = h3.parse_classification(dumps(h3.CLASSIFICATION_DIAGNOSIS | {"Model": "Cellnet_Standardised"}), models)
     assert other["models"] == []  # HIAS would write back an empty model list for the agent
     for missing in ("Model", "Message", "Value"):
         with pytest.raises(KeyError, match=missing):

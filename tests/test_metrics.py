@@ -10,6 +10,7 @@ import urllib.request
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from model.classifier import DEFAULT_ARTIFACT
 from tests.helpers import BASE, REPO, free_port
 
 INFERENCE, DIAGNOSIS = f"{BASE}/Inference", f"{BASE}/Diagnosis"
@@ -51,7 +52,7 @@ def test_metrics_count_requests_and_report_the_model(broker, client, start_agent
     assert after[("allds_batch_size_count", ())] >= 1 and after[("allds_inference_seconds_count", ())] >= 1
     assert after[("allds_mqtt_reconnects_total", ())] == 0
     model = [dict(labels) for (name, labels), v in after.items() if name == "allds_model_info" and v == 1]
-    assert len(model) == 1 and model[0]["name"] == "cellnet" and len(model[0]["sha256"]) == 64
+    assert len(model) == 1 and model[0]["name"] == DEFAULT_ARTIFACT.parent.name and len(model[0]["sha256"]) == 64
     dashboard = json.loads((REPO / "deploy/grafana/allds-agents.json").read_text())
     used = {name for panel in dashboard["panels"] for target in panel["targets"]
             for name in re.findall(r"allds_[a-z_]+", target["expr"])}

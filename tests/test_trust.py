@@ -119,7 +119,7 @@ def test_gate_files_match_the_cards_and_every_kind_assesses(name, data_root, hel
 
 
 def test_a_tampered_gate_file_or_a_card_without_policy_fails_loudly(tmp_path):
-    folder = tmp_path / "cellnet"
+    folder = tmp_path / DEFAULT_ARTIFACT.parent.name
     shutil.copytree(DEFAULT_ARTIFACT.parent, folder)
     card = json.loads((folder / CARD_NAME).read_text())
     gate = folder / card["decision"]["gate_file"]["file"]
