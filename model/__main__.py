@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from model import data
-from model.calibration import wilson
+from model.calibration import predictive_values, wilson
 from model.classifier import CARD_NAME, DEFAULT_ARTIFACT, read_card
 from model.metrics import with_intervals
 
@@ -256,9 +256,15 @@ def trust_tables(cards: list[Path]) -> str:
         rows += ["", f"`{default['name']}` int8 on the answered test images, per class (share answered correctly):", "",
                  "| class | correct / answered | rate (95 % CI) |", "|---|---|---|"]
         rows += [f"| {name} | {r['k']} / {r['n']} | {_rate(r)} |" for name, r in t["per_subtype_correct"].items()]
-        rows += ["", "Predictive values of those decisions at a stated prevalence of ALL among the smears sent:", "",
-                 "| prevalence | PPV | NPV |", "|---|---|---|"]
-        rows += [f"| {prev} | {v['ppv']:.3f} | {v['npv']:.4f} |" for prev, v in t["predictive_values"].items()]
+        rows += ["", "Predictive values of those decisions at a stated prevalence of ALL among the smears answered, "
+                 "at the point estimates and at the lower 95 % bounds of specificity (PPV) and sensitivity (NPV):", "",
+                 "| prevalence | PPV | NPV | PPV, specificity at its lower bound | NPV, sensitivity at its lower bound |",
+                 "|---|---|---|---|---|"]
+        sens, spec = t["sensitivity"], t["specificity"]
+        rows += [f"| {prev} | {v['ppv']:.3f} | {v['npv']:.4f} | "
+                 f"{predictive_values(sens['rate'], spec['ci95'][0], float(prev))[0]:.3f} | "
+                 f"{predictive_values(sens['ci95'][0], spec['rate'], float(prev))[1]:.4f} |"
+                 for prev, v in t["predictive_values"].items()]
     return "\n".join(rows)
 
 

@@ -36,8 +36,9 @@ BLANK_CONTRAST = 0.01  # luma standard deviation of a blank frame (2.5 grey leve
 DARK_FLAT, BRIGHT_FLAT = 0.15, 0.85  # a blank frame darker / brighter than this is under- / overexposed
 MARGIN = 1.25  # thresholds sit this factor beyond the most extreme validation image
 # but the focus floor, which sits at the softest validation image itself: a 5 px defocus at 224 px overlaps
-# the softest real captures, and with the margin 11 of the 506 grouped test images blurred so passed the
-# check (8 were then decided); at the floor none passes and 1 of the 2,261 training images falls below it.
+# the softest real captures (measured for the served default, grouped split: with the margin 11 of the 506
+# test images so blurred passed the check and 8 were decided; at the floor none, and 1 of the 2,261
+# training images falls below it).
 FOCUS_MARGIN = 1.0
 COLOUR_WIDTH = 3
 

@@ -205,8 +205,8 @@ def reliability_plot(path: Path, title: str, labels: np.ndarray, p_all: np.ndarr
 def explanation_figures(clf: Classifier, images: np.ndarray, labels: np.ndarray, grid_png: Path,
                         examples: int = 8) -> dict:
     """Occlusion heat on nucleus pixels vs the share of the image they cover (and vs the most a heat
-    map of this grid could put there), over the held-out split; p50 cost of `explain`; a PNG grid of
-    examples (image, heat, nucleus mask)."""
+    map of this grid could put there), over the held-out images with heat and a nucleus mask; how many
+    maps carry heat; p50 cost of `explain`; a PNG grid of examples (image, heat, nucleus mask)."""
     shares, areas, ceilings, costs, heats = [], [], [], [], []
     for tensor in images:
         costs.append(explain(clf, tensor, (224, 224)).ms)
@@ -240,7 +240,8 @@ def explanation_figures(clf: Classifier, images: np.ndarray, labels: np.ndarray,
     fig.savefig(grid_png, dpi=100, bbox_inches="tight")
     plt.close(fig)
     ratio = shares / np.maximum(areas, 1e-9)
-    return {"method": METHOD, "images_with_heat": int(len(shares)), "images": int(len(images)),
+    return {"method": METHOD, "images_with_heat": int(sum(h.max() > 0 for h in heats)),
+            "images_scored_on_nuclei": int(len(shares)), "images": int(len(images)),
             "heat_share_on_nuclei_mean": float(shares.mean()), "nucleus_area_share_mean": float(areas.mean()),
             "grid_ceiling_share_mean": float(ceilings.mean()), "ratio_median": float(np.median(ratio)),
             "images_with_more_heat_than_area": float(np.mean(shares > areas)),
