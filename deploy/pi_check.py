@@ -6,8 +6,8 @@ on a mismatch.
 Decision rule for `compare`: an image's decision may differ between the two machines only when its two
 P(ALL) differ by at most one output step (so both lie within a step of the card's threshold): the most
 one int8 rounding step can move a probability (`model.classifier.output_step`: 1/256 behind an int8
-softmax, half the logits' scale behind a float32 one); float32 artifacts use their int8 sibling's. Any
-other differing decision fails, and so does an artifact file that differs.
+softmax, half the logits' scale behind a float32 one); float32 artifacts 1/256. Any other differing
+decision fails, and so does an artifact file that differs.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from model.data import read_list
 from model.preprocess import preprocess_file
 
 ARTIFACTS = Path(model.__file__).resolve().parent / "artifacts"
+FLOAT_STEP = 1 / 256  # the bound for float32 artifacts, whose outputs differ across CPUs by about 1e-4
 BATCH = 32
 
 
@@ -65,12 +66,11 @@ def compare(x86: dict, arm: dict) -> tuple[list[dict], bool]:
     if x86["images"] != arm["images"] or set(x86["artifacts"]) != set(arm["artifacts"]):
         raise ValueError(f"the two runs cover different images or artifacts: {sorted(x86['artifacts'])} on "
                          f"{len(x86['images'])} images, {sorted(arm['artifacts'])} on {len(arm['images'])}")
-    steps = {a["model"]: a["step"] for a in x86["artifacts"].values() if a["step"]}
     rows, ok = [], True
     for name, a in sorted(x86["artifacts"].items()):
         b = arm["artifacts"][name]
         p, q = np.array(a["p_all"]), np.array(b["p_all"])
-        threshold, step = a["threshold"], steps.get(a["model"], 1 / 256)
+        threshold, step = a["threshold"], a["step"] or FLOAT_STEP
         differs = (p >= threshold) != (q >= threshold)
         tolerated = differs & (np.abs(p - q) <= step)  # opposite sides of the threshold, so both within a step
         row = {"artifact": name, "images": len(p), "agreement": float(np.mean(~differs)),
@@ -83,7 +83,7 @@ def compare(x86: dict, arm: dict) -> tuple[list[dict], bool]:
     return rows, ok
 
 
-def answers(x86: dict, arm: dict, step: float = 1 / 256) -> tuple[list[str], int]:
+def answers(x86: dict, arm: dict, step: float = FLOAT_STEP) -> tuple[list[str], int]:
     """Lines for images whose answers differ; the number that agree. Agree = the same diagnosis, reason
     and model, and every class probability within `step`, one output step of the served int8 artifact
     (`served_step`): the emulated Cortex-A72's kernels may round one int8 value differently, and the
@@ -111,12 +111,14 @@ def answers(x86: dict, arm: dict, step: float = 1 / 256) -> tuple[list[str], int
 
 
 def served_step(report: dict, models: Path = ARTIFACTS) -> float:
-    """One output step of the int8 artifact that answered a replay report (1/256 if it cannot be told)."""
-    names = {r["reply"]["model"]["name"] for r in report["results"] if r.get("reply") and "model" in r["reply"]}
-    if len(names) != 1 or not (models / next(iter(names))).is_dir():
-        return 1 / 256
-    card = read_card(models / next(iter(names)))
-    return Classifier.load(models / card["name"] / card["artifacts"]["int8"]["file"]).output_step or 1 / 256
+    """One output step of the artifact that answered a replay report, found by its SHA-256 among the
+    model cards under `models`; `FLOAT_STEP` for a float artifact, or when it cannot be told."""
+    shas = {r["reply"]["model"]["sha256"] for r in report["results"] if r.get("reply") and "model" in r["reply"]}
+    for card_path in sorted(models.glob("*/model_card.json")) if len(shas) == 1 else []:
+        for entry in read_card(card_path.parent)["artifacts"].values():
+            if entry.get("sha256") in shas and entry["file"].endswith(".tflite"):
+                return Classifier.load(card_path.parent / entry["file"]).output_step or FLOAT_STEP
+    return FLOAT_STEP
 
 
 def main(argv: list[str] | None = None) -> int:

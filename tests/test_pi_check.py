@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from model.classifier import DEFAULT_ARTIFACT
+from model.classifier import DEFAULT_ARTIFACT, Classifier, read_card
 from tests.helpers import REPO
 
 spec = importlib.util.spec_from_file_location("pi_check", REPO / "deploy/pi_check.py")
@@ -95,3 +95,27 @@ def test_answers_may_differ_by_one_output_step_with_the_same_decision():
     assert pi_check.answers(x86, arm)[1] == 0
     flipped = {"results": [reply("a.jpg", "Positive", 0.027344)]}
     assert pi_check.answers(x86, flipped)[1] == 0
+
+
+def test_the_answer_step_is_that_of_the_artifact_that_answered():
+    """Found by the replies' SHA-256: the default's int8 file (int8 logits, float32 softmax) allows half its
+    logits' scale; a full-integer file 1/256; a float32 file or an unknown one 1/256."""
+    card = read_card(DEFAULT_ARTIFACT.parent)
+    def report(sha256: str) -> dict:
+        return {"results": [{"path": "a.jpg", "reply": {"model": {"name": "x", "sha256": sha256}}}]}
+    default_step = pi_check.served_step(report(card["artifacts"]["int8"]["sha256"]))
+    assert default_step == Classifier.load(DEFAULT_ARTIFACT).output_step and 1 / 256 < default_step < 0.05
+    assert pi_check.served_step(report(card["artifacts"]["float32"]["sha256"])) == STEP
+    assert pi_check.served_step(report(read_card(REPO / "model/artifacts/cellnet")["artifacts"]["int8"]["sha256"])) == STEP
+    assert pi_check.served_step(report("0" * 64)) == STEP
+
+
+def test_a_float32_file_gets_no_more_than_1_256_whatever_its_int8_sibling():
+    x86, arm = run([0.5 - STEP / 2]), run([0.5 + STEP / 2])
+    for r in (x86, arm):
+        r["artifacts"]["net/net_float32.tflite"] = dict(r["artifacts"]["net/net_int8.tflite"], kind="float32", step=None)
+        r["artifacts"]["net/net_int8.tflite"]["step"] = 0.03
+    rows, ok = pi_check.compare(x86, arm)
+    assert ok and {r["artifact"]: r["step"] for r in rows} == {"net/net_float32.tflite": STEP, "net/net_int8.tflite": 0.03}
+    x86["artifacts"]["net/net_float32.tflite"]["p_all"] = [0.5 - 0.01]
+    assert not pi_check.compare(x86, arm)[1]
