@@ -20,9 +20,10 @@ from model.preprocess import jpeg_quality, preprocess
 
 ARTIFACTS = DEFAULT_ARTIFACT.parent.parent
 # Measured on the served model's own held-out split (grouped test): 65 of 506 = 0.128 refused (gate 16,
-# borderline 49), most of them benign fields it cannot tell from Early pre-B. The earlier 0.03 (15/489) was
-# `cellnet` on the per-image split, whose test images share fields with its training images; the `cellnet`
-# recipe retrained on the grouped split refuses 0.162 of the grouped test (docs/trust.md).
+# borderline 49); 43 of them benign: 31 borderline leaning benign, 11 grainier than any validation smear.
+# The earlier 0.03 (15/489) was `cellnet` on the per-image split, whose test images share fields with its
+# training images; the `cellnet` recipe retrained on the grouped split refuses 0.162 of the grouped test
+# (docs/trust.md).
 MAX_HELD_OUT_REFUSAL = 0.14
 FLOORS_ANSWERED = {"sensitivity": 0.98, "specificity": 0.97}
 
