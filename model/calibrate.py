@@ -3,9 +3,11 @@
 
 On the artifacts' own outputs (int8 and float32 separately; `.keras` uses float32's):
 * feature density on the TRAINING split (class-conditional Mahalanobis per feature piece);
-* on the VALIDATION split: image-quality thresholds (no validation image refused), the
-  out-of-distribution threshold (gate refuses at most 1 % of validation images in all), then on the
-  images the gate passes: calibration (temperature and bias), the operating threshold (sensitivity
+* on the TRAINING and VALIDATION splits: image-quality thresholds (none of their images refused: a
+  validation split of whole capture blocks can miss a capture mode that training has; the focus floor
+  is the softest validation image);
+* on the VALIDATION split: the out-of-distribution threshold (gate refuses at most 1 % of validation
+  images in all), then on the images the gate passes: calibration (temperature and bias), the operating threshold (sensitivity
   >= 0.98) and the indeterminate band (decisions outside it reach sensitivity >= 0.995 and
   specificity >= 0.99, and it contains both the threshold and calibrated probability 0.5, so a
   decision's confidence is never below 0.5).
@@ -59,12 +61,12 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
     size = int(card["input_size"])
     images = {k: data.load_images(root, splits[k], size) for k in ("train", "val")}
     labels = {k: np.array([s.label for s in splits[k]]) for k in ("train", "val")}
-    colour = FeatureDensity.fit(image_statistics(images["train"])["colour_vector"], np.zeros(len(images["train"])),
-                                [COLOUR_WIDTH])
-    val_stats = image_statistics(images["val"])
+    train_stats, val_stats = image_statistics(images["train"]), image_statistics(images["val"])
+    colour = FeatureDensity.fit(train_stats["colour_vector"], np.zeros(len(images["train"])), [COLOUR_WIDTH])
     colour = colour.scaled(val_stats["colour_vector"])
-    val_stats["colour"] = colour.score(val_stats["colour_vector"])
-    quality = fit_quality_thresholds(val_stats)
+    for stats in (train_stats, val_stats):
+        stats["colour"] = colour.score(stats["colour_vector"])
+    quality = fit_quality_thresholds({k: np.concatenate([train_stats[k], val_stats[k]]) for k in val_stats}, val_stats)
     passed_quality = np.array([r is None for r in quality_reasons(val_stats, quality)])
     n_val = len(labels["val"])
     ood_budget = int(math.floor(MAX_GATE_REFUSAL * n_val)) - int((~passed_quality).sum())
@@ -98,8 +100,10 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
     save_densities(gate_file, densities)
     section["gate_file"] = {"file": gate_file.name, "sha256": file_sha256(gate_file)}
     section["validation_fit"] = fit_report
-    section["rules"] = (f"gate thresholds on the validation split (quality: no image refused; out-of-distribution "
-                        f"score: at most {MAX_GATE_REFUSAL:.1%} refused in all); on the images it passes: "
+    section["rules"] = (f"quality thresholds on the training and validation splits (none of their images refused, "
+                        f"but the focus floor: the softest validation image); "
+                        f"out-of-distribution score on the validation split (at most {MAX_GATE_REFUSAL:.1%} refused "
+                        f"in all); on the validation images it passes: "
                         f"temperature and bias by maximum likelihood, threshold = highest P(ALL) with sensitivity "
                         f">= {MIN_SENSITIVITY}, band = narrowest containing the threshold and calibrated 0.5 "
                         f"outside which sensitivity >= {BAND_SENSITIVITY} and specificity >= {BAND_SPECIFICITY}")

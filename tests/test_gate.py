@@ -1,22 +1,30 @@
-"""The input gate's quality thresholds, on synthetic validation statistics."""
+"""The input gate's quality thresholds, on synthetic training and validation statistics."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from model.gate import MARGIN, QUALITY_RULES, fit_quality_thresholds, quality_reasons
+from model.gate import QUALITY_RULES, fit_quality_thresholds, quality_reasons
 
 
-def test_thresholds_refuse_no_validation_image_and_the_focus_floor_is_the_softest_one():
+def _statistics(rng: np.random.Generator, n: int, focus: tuple[float, float]) -> dict[str, np.ndarray]:
+    return {name: rng.uniform(low, high, n).astype(np.float32) for name, (low, high) in
+            {"brightness": (0.6, 0.8), "contrast": (0.06, 0.2), "focus": focus, "clipped": (0.0, 0.05),
+             "saturation": (0.05, 0.3), "colour": (0.0, 3.0)}.items()}
+
+
+def test_thresholds_pass_every_learnt_image_and_the_focus_floor_is_the_softest_validation_one():
     rng = np.random.default_rng(0)
-    stats = {name: rng.uniform(low, high, 200).astype(np.float32) for name, (low, high) in
-             {"brightness": (0.6, 0.8), "contrast": (0.06, 0.2), "focus": (0.07, 0.9), "clipped": (0.0, 0.05),
-              "saturation": (0.05, 0.3), "colour": (0.0, 3.0)}.items()}
-    thresholds = fit_quality_thresholds(stats)
+    validation = _statistics(rng, 200, (0.07, 0.9))
+    train = _statistics(rng, 800, (0.06, 1.6))  # a grainier capture mode, and one softer capture
+    learnt = {k: np.concatenate([train[k], validation[k]]) for k in validation}
+    thresholds = fit_quality_thresholds(learnt, validation)
     assert set(thresholds) == {f"{stat}_{side}" for _, stat, side in QUALITY_RULES}
-    assert thresholds["focus_below"] == stats["focus"].min()  # a 5 px defocus reaches the margin below it
-    assert thresholds["contrast_below"] == stats["contrast"].min() / MARGIN
-    assert thresholds["focus_above"] == stats["focus"].max() * MARGIN
-    assert quality_reasons(stats, thresholds) == [None] * 200
-    softer = {**stats, "focus": stats["focus"] * 0.99}
+    assert thresholds["focus_below"] == validation["focus"].min()  # a 5 px defocus reaches the margin below it
+    assert thresholds["contrast_below"] == learnt["contrast"].min()
+    assert thresholds["focus_above"] == learnt["focus"].max()
+    reasons = quality_reasons(learnt, thresholds)
+    assert set(reasons) <= {None, "out_of_focus"}
+    assert reasons.count("out_of_focus") == int((train["focus"] < validation["focus"].min()).sum())
+    softer = {**validation, "focus": validation["focus"] * 0.99}
     assert quality_reasons(softer, thresholds).count("out_of_focus") == 1  # only the softest falls below

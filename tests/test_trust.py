@@ -16,15 +16,15 @@ from model import data, ood
 from model.calibration import choose_band, expected_calibration_error, wilson
 from model.classifier import CARD_NAME, DEFAULT_ARTIFACT, Classifier, file_sha256
 from model.explain import explain, heat_grid
+from model.gate import QUALITY_RULES
 from model.preprocess import jpeg_quality, preprocess
 
 ARTIFACTS = DEFAULT_ARTIFACT.parent.parent
-# Measured on the served model's own held-out split (grouped test): 65 of 506 = 0.128 refused (gate 16,
-# borderline 49); 43 of them benign: 31 borderline leaning benign, 11 grainier than any validation smear.
-# The earlier 0.03 (15/489) was `cellnet` on the per-image split, whose test images share fields with its
-# training images; the `cellnet` recipe retrained on the grouped split refuses 0.162 of the grouped test
-# (docs/trust.md).
-MAX_HELD_OUT_REFUSAL = 0.14
+# Measured on the served model's own held-out split (grouped test): 56 of 506 = 0.111 refused (gate 3,
+# borderline 53); 36 of them benign, 34 borderline leaning benign (P(ALL) 0.06-0.47). The earlier 0.03
+# (15/489) was `cellnet` on the per-image split, whose test images share fields with its training images;
+# the `cellnet` recipe retrained on the grouped split refuses 0.162 of the grouped test (docs/trust.md).
+MAX_HELD_OUT_REFUSAL = 0.12
 FLOORS_ANSWERED = {"sensitivity": 0.98, "specificity": 0.97}
 
 
@@ -64,6 +64,24 @@ def test_defocus_of_radius_5_is_refused_on_every_held_out_image(served, data_roo
     diagnoses = [d for i in range(0, len(payloads), 64) for d in _assess_bytes(served, payloads[i:i + 64])]
     decided = [s.path for s, d in zip(test, diagnoses, strict=True) if d.label != "Indeterminate"]
     assert not decided, f"{len(decided)} of {len(test)} defocused captures decided: {decided[:5]}"
+
+
+@pytest.mark.parametrize("name", ["cellnet_standardised", "cellnet", "allds2020", "cellnet_subtype"])
+def test_the_quality_gate_passes_every_smear_the_model_learnt_from(name, data_root):
+    """A capture like those the network was trained on is no failed capture: no training or validation
+    image may be refused by a quality rule (a validation split made of whole capture blocks can miss a
+    capture mode that training has), but for the rare training image softer than every validation one."""
+    clf = Classifier.load(ARTIFACTS / name / f"{name}_int8.tflite")
+    dataset, samples = data.load_dataset(data_root)
+    splits = data.card_splits(clf.card, dataset, samples)
+    learnt = splits["train"] + splits["val"]
+    images = data.load_images(data_root, learnt, clf.input_size)
+    quality = {reason for reason, _, _ in QUALITY_RULES}
+    refused = [(s.path, d.reason) for i in range(0, len(images), 256)
+               for s, d in zip(learnt[i:i + 256], clf.assess(images[i:i + 256]), strict=True) if d.reason in quality]
+    softer = [path for path, reason in refused if reason == "out_of_focus"]
+    assert len(softer) <= len(learnt) / 1000 and len(refused) == len(softer), \
+        f"{len(refused)} of {len(learnt)} training and validation smears refused: {refused[:6]}"
 
 
 def test_photographs_are_not_diagnosed(served):
