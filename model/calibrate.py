@@ -3,9 +3,9 @@
 
 On the artifacts' own outputs (int8 and float32 separately; `.keras` uses float32's):
 * feature density on the TRAINING split (class-conditional Mahalanobis per feature piece);
-* on the TRAINING and VALIDATION splits: image-quality thresholds (none of their images refused: a
-  validation split of whole capture blocks can miss a capture mode that training has; the focus floor
-  is the softest validation image);
+* image-quality thresholds 25 % beyond the most extreme VALIDATION image and never short of the most
+  extreme TRAINING or validation image (none of them refused: a validation split of whole capture
+  blocks can miss a capture mode that training has); the focus floor is the softest validation image;
 * on the VALIDATION split: the out-of-distribution threshold (gate refuses at most 1 % of validation
   images in all), then on the images the gate passes: calibration (temperature and bias), the operating threshold (sensitivity
   >= 0.98) and the indeterminate band (decisions outside it reach sensitivity >= 0.995 and
@@ -25,7 +25,15 @@ import numpy as np
 from model import data
 from model.calibration import Calibration, choose_band, choose_threshold
 from model.classifier import CARD_NAME, Classifier, file_sha256
-from model.gate import COLOUR_WIDTH, FeatureDensity, fit_quality_thresholds, image_statistics, quality_reasons, save_densities
+from model.gate import (
+    COLOUR_WIDTH,
+    MARGIN,
+    FeatureDensity,
+    fit_quality_thresholds,
+    image_statistics,
+    quality_reasons,
+    save_densities,
+)
 
 MAX_GATE_REFUSAL = 0.005  # the issue allows 1 %; half leaves room for the band within 3 % in all
 MIN_SENSITIVITY = 0.98  # operating threshold
@@ -100,8 +108,9 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
     save_densities(gate_file, densities)
     section["gate_file"] = {"file": gate_file.name, "sha256": file_sha256(gate_file)}
     section["validation_fit"] = fit_report
-    section["rules"] = (f"quality thresholds on the training and validation splits (none of their images refused, "
-                        f"but the focus floor: the softest validation image); "
+    section["rules"] = (f"quality thresholds {MARGIN - 1:.0%} beyond the most extreme validation image and never short "
+                        f"of the most extreme training or validation image (the focus floor: the softest validation "
+                        f"image); "
                         f"out-of-distribution score on the validation split (at most {MAX_GATE_REFUSAL:.1%} refused "
                         f"in all); on the validation images it passes: "
                         f"temperature and bias by maximum likelihood, threshold = highest P(ALL) with sensitivity "

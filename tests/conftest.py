@@ -22,6 +22,18 @@ def data_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def bccd_root(data_root) -> Path:
+    """BCCD (another laboratory's normal blood) from ALLDS_BCCD, else beside ALL_Aria2021; fails in CI if missing."""
+    root = Path(os.environ.get("ALLDS_BCCD", data_root.parent / "BCCD"))
+    if not (root / "JPEGImages").is_dir():
+        message = f"BCCD not found at {root} (set ALLDS_BCCD)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
 @pytest.fixture
 def broker(tmp_path):
     b = Broker(tmp_path / "broker").start()

@@ -213,6 +213,11 @@ def test_installed_agent_serves_under_the_units_syscall_filter(installed, broker
         assert notify.recv(256) == b"READY=1"
         requester = Client(broker.port)
         requester.subscribe(f"{BASE}/Diagnosis")
+        requester.subscribe(f"{BASE}/Status")
+        # READY says serving runs, not that the broker holds the agent's subscription yet (a request sent
+        # before it is dropped: seen once under load); ONLINE follows the SUBSCRIBE on the same connection.
+        requester.expect(f"{BASE}/Status", 30, lambda m: m.payload == b"ONLINE")
+        assert agent.poll() is None, (tmp_path / "agent.log").read_text()[-3000:]
         requester.publish(f"{BASE}/Inference", (data_root / "Pro/WBC-Malignant-Pro-010.jpg").read_bytes(),
                           correlation=b"filtered-1")
         assert requester.expect_json(f"{BASE}/Diagnosis", 30, id="filtered-1")["diagnosis"] in ("Positive", "Negative")

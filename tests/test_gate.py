@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.gate import QUALITY_RULES, fit_quality_thresholds, quality_reasons
+from model.gate import MARGIN, QUALITY_RULES, fit_quality_thresholds, quality_reasons
 
 
 def _statistics(rng: np.random.Generator, n: int, focus: tuple[float, float]) -> dict[str, np.ndarray]:
@@ -13,7 +13,7 @@ def _statistics(rng: np.random.Generator, n: int, focus: tuple[float, float]) ->
              "saturation": (0.05, 0.3), "colour": (0.0, 3.0)}.items()}
 
 
-def test_thresholds_pass_every_learnt_image_and_the_focus_floor_is_the_softest_validation_one():
+def test_thresholds_pass_every_learnt_image_keep_the_validation_margin_and_the_focus_floor_is_the_softest_one():
     rng = np.random.default_rng(0)
     validation = _statistics(rng, 200, (0.07, 0.9))
     train = _statistics(rng, 800, (0.06, 1.6))  # a grainier capture mode, and one softer capture
@@ -21,8 +21,8 @@ def test_thresholds_pass_every_learnt_image_and_the_focus_floor_is_the_softest_v
     thresholds = fit_quality_thresholds(learnt, validation)
     assert set(thresholds) == {f"{stat}_{side}" for _, stat, side in QUALITY_RULES}
     assert thresholds["focus_below"] == validation["focus"].min()  # a 5 px defocus reaches the margin below it
-    assert thresholds["contrast_below"] == learnt["contrast"].min()
-    assert thresholds["focus_above"] == learnt["focus"].max()
+    assert thresholds["focus_above"] == learnt["focus"].max()  # the grainier training mode, beyond the margin
+    assert thresholds["contrast_below"] == validation["contrast"].min() / MARGIN  # the margin, beyond training
     reasons = quality_reasons(learnt, thresholds)
     assert set(reasons) <= {None, "out_of_focus"}
     assert reasons.count("out_of_focus") == int((train["focus"] < validation["focus"].min()).sum())

@@ -20,11 +20,12 @@ from model.gate import QUALITY_RULES
 from model.preprocess import jpeg_quality, preprocess
 
 ARTIFACTS = DEFAULT_ARTIFACT.parent.parent
-# Measured on the served model's own held-out split (grouped test): 56 of 506 = 0.111 refused (gate 3,
-# borderline 53); 36 of them benign, 34 borderline leaning benign (P(ALL) 0.06-0.47). The earlier 0.03
+# Measured on the served model's own held-out split (grouped test): 55 of 506 = 0.109 refused (gate 2,
+# borderline 53); 35 of them benign, 34 borderline leaning benign (P(ALL) 0.06-0.47). The earlier 0.03
 # (15/489) was `cellnet` on the per-image split, whose test images share fields with its training images;
 # the `cellnet` recipe retrained on the grouped split refuses 0.162 of the grouped test (docs/trust.md).
 MAX_HELD_OUT_REFUSAL = 0.12
+MAX_BCCD_FIELDS_DECIDED = 4
 FLOORS_ANSWERED = {"sensitivity": 0.98, "specificity": 0.97}
 
 
@@ -82,6 +83,30 @@ def test_the_quality_gate_passes_every_smear_the_model_learnt_from(name, data_ro
     softer = [path for path, reason in refused if reason == "out_of_focus"]
     assert len(softer) <= len(learnt) / 1000 and len(refused) == len(softer), \
         f"{len(refused)} of {len(learnt)} training and validation smears refused: {refused[:6]}"
+
+
+def test_fields_of_another_laboratory_are_not_diagnosed(served, bccd_root):
+    """BCCD fields: normal blood, another stain and camera, on which the model was never validated. Measured
+    for the served default: 4 of 364 decided (3 Negative, 1 Positive); with the quality thresholds 25 % beyond
+    the training extremes 8 were (4 Positive)."""
+    fields, _ = ood.bccd(bccd_root)
+    payloads = list(fields.values())
+    diagnoses = [d for i in range(0, len(payloads), 64) for d in _assess_bytes(served, payloads[i:i + 64])]
+    decided = [d.label for d in diagnoses if d.label != "Indeterminate"]
+    assert len(decided) <= MAX_BCCD_FIELDS_DECIDED and decided.count("Positive") <= 1, \
+        f"{len(decided)} of {len(fields)} BCCD fields decided: {sorted(decided)}"
+
+
+def test_mild_underexposure_is_read_not_refused(served, data_root, held_out):
+    """At x0.7 exposure the network still reads held-out smears (measured: right on 0.953 of 43 without the
+    gate), so the gate must not call them underexposed; with the floor at the darkest training smear it
+    refused 22 of 43 so."""
+    test, labels = held_out
+    smears = [ood.encode(ood.exposure(ood.decode((data_root / s.path).read_bytes()), 0.7)) for s in test[::12]]
+    diagnoses = _assess_bytes(served, smears)
+    assert not [d for d in diagnoses if d.reason == "underexposed"]
+    decided = [(d.positive, bool(y)) for d, y in zip(diagnoses, labels[::12], strict=True) if d.label != "Indeterminate"]
+    assert len(decided) >= 0.8 * len(smears) and np.mean([p == y for p, y in decided]) >= 0.95, decided
 
 
 def test_photographs_are_not_diagnosed(served):

@@ -103,5 +103,5 @@ def test_served_model_floors_on_what_it_answers_over_the_wire(client, agent, dat
           f"({refused / report['images']:.2%}: {report['indeterminate']}), on decided: sensitivity {m['sensitivity']:.3f} "
           f"specificity {m['specificity']:.3f}")
     assert report["answered"] == report["images"] and not report["errors"]
-    assert refused / report["images"] <= MAX_HELD_OUT_REFUSAL  # measured 56 of 506 in-process (tests/test_trust.py)
+    assert refused / report["images"] <= MAX_HELD_OUT_REFUSAL  # measured 55 of 506 in-process (tests/test_trust.py)
     assert m["sensitivity"] >= 0.985 and m["specificity"] >= 0.97
