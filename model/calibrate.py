@@ -6,7 +6,7 @@ On the artifacts' own outputs (int8 and float32 separately; `.keras` uses float3
 * image-quality thresholds 25 % beyond the most extreme VALIDATION image and never short of the most
   extreme TRAINING or validation image (none of them refused: a validation split of whole capture
   blocks can miss a capture mode that training has); the focus floor is the softest validation image;
-* on the VALIDATION split: the out-of-distribution threshold (gate refuses at most 1 % of validation
+* on the VALIDATION split: the out-of-distribution threshold (gate refuses at most 0.5 % of validation
   images in all), then on the images the gate passes: calibration (temperature and bias), the operating threshold (sensitivity
   >= 0.98) and the indeterminate band (decisions outside it reach sensitivity >= 0.995 and
   specificity >= 0.99, and it contains both the threshold and calibrated probability 0.5, so a

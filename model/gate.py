@@ -38,7 +38,8 @@ MARGIN = 1.25  # a threshold sits at least this factor beyond the most extreme v
 # ... and never short of the most extreme image the model learnt from (training and validation: a validation
 # split of whole capture blocks missed a grainy capture mode of 57 training images). The margin keeps the
 # exposure limits where the network still reads (the darkest training smear sets a floor 17 % higher, which
-# refused 24 of 43 held-out smears at x0.7 exposure, right 0.953 without the gate, and a correct Negative).
+# called 22 of 43 held-out smears at x0.7 exposure underexposed, where the network alone is right on 0.953,
+# and turned one held-out Negative, Benign-230, into a refusal).
 # The focus floor is a capture-quality limit instead: the softest VALIDATION image. A 5 px defocus at 224 px
 # overlaps the softest real captures (served default, grouped split, radius-5 defocus of the 506 test images:
 # with the floor 25 % lower 8 were decided, at the softest training image (0.063) 5, at the softest validation

@@ -25,7 +25,7 @@ ARTIFACTS = DEFAULT_ARTIFACT.parent.parent
 # (15/489) was `cellnet` on the per-image split, whose test images share fields with its training images;
 # the `cellnet` recipe retrained on the grouped split refuses 0.162 of the grouped test (docs/trust.md).
 MAX_HELD_OUT_REFUSAL = 0.12
-MAX_BCCD_FIELDS_DECIDED = 4
+BCCD_FIELDS, MAX_BCCD_FIELDS_DECIDED = 364, 4
 FLOORS_ANSWERED = {"sensitivity": 0.98, "specificity": 0.97}
 
 
@@ -90,6 +90,7 @@ def test_fields_of_another_laboratory_are_not_diagnosed(served, bccd_root):
     for the served default: 4 of 364 decided (3 Negative, 1 Positive); with the quality thresholds 25 % beyond
     the training extremes 8 were (4 Positive)."""
     fields, _ = ood.bccd(bccd_root)
+    assert len(fields) == BCCD_FIELDS, f"{len(fields)} BCCD fields at {bccd_root}, not the data set's {BCCD_FIELDS}"
     payloads = list(fields.values())
     diagnoses = [d for i in range(0, len(payloads), 64) for d in _assess_bytes(served, payloads[i:i + 64])]
     decided = [d.label for d in diagnoses if d.label != "Indeterminate"]
@@ -98,9 +99,9 @@ def test_fields_of_another_laboratory_are_not_diagnosed(served, bccd_root):
 
 
 def test_mild_underexposure_is_read_not_refused(served, data_root, held_out):
-    """At x0.7 exposure the network still reads held-out smears (measured: right on 0.953 of 43 without the
+    """At x0.7 exposure the network still reads held-out smears (on these 43 PNGs: right on 42 without the
     gate), so the gate must not call them underexposed; with the floor at the darkest training smear it
-    refused 22 of 43 so."""
+    called 22 of 43 so."""
     test, labels = held_out
     smears = [ood.encode(ood.exposure(ood.decode((data_root / s.path).read_bytes()), 0.7)) for s in test[::12]]
     diagnoses = _assess_bytes(served, smears)
