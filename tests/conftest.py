@@ -10,28 +10,28 @@ import pytest
 from tests.helpers import BASE, Agent, Broker, Client, write_config
 
 
-@pytest.fixture(scope="session")
-def data_root() -> Path:
-    """ALL_Aria2021 from ALLDS_DATA; in CI a missing data set fails the test instead of skipping it."""
-    root = Path(os.environ.get("ALLDS_DATA", Path(__file__).resolve().parents[2] / "shared/data/ALL_Aria2021"))
-    if not (root / "Benign").is_dir():
-        message = f"real data not found at {root} (set ALLDS_DATA)"
+def _real_data(variable: str, default: Path, marker: str) -> Path:
+    """The data set at `$variable` (else `default`), which must hold `marker`; in CI a missing data set
+    fails the test instead of skipping it."""
+    root = Path(os.environ.get(variable, default))
+    if not (root / marker).is_dir():
+        message = f"real data not found at {root} (set {variable})"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
     return root
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """ALL_Aria2021 from ALLDS_DATA."""
+    return _real_data("ALLDS_DATA", Path(__file__).resolve().parents[2] / "shared/data/ALL_Aria2021", "Benign")
 
 
 @pytest.fixture(scope="session")
 def bccd_root(data_root) -> Path:
-    """BCCD (another laboratory's normal blood) from ALLDS_BCCD, else beside ALL_Aria2021; fails in CI if missing."""
-    root = Path(os.environ.get("ALLDS_BCCD", data_root.parent / "BCCD"))
-    if not (root / "JPEGImages").is_dir():
-        message = f"BCCD not found at {root} (set ALLDS_BCCD)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return root
+    """BCCD (another laboratory's normal blood) from ALLDS_BCCD, else beside ALL_Aria2021."""
+    return _real_data("ALLDS_BCCD", data_root.parent / "BCCD", "JPEGImages")
 
 
 @pytest.fixture
