@@ -74,7 +74,7 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
     colour = colour.scaled(val_stats["colour_vector"])
     for stats in (train_stats, val_stats):
         stats["colour"] = colour.score(stats["colour_vector"])
-    quality = fit_quality_thresholds({k: np.concatenate([train_stats[k], val_stats[k]]) for k in val_stats}, val_stats)
+    quality = fit_quality_thresholds(train_stats, val_stats)
     passed_quality = np.array([r is None for r in quality_reasons(val_stats, quality)])
     n_val = len(labels["val"])
     ood_budget = int(math.floor(MAX_GATE_REFUSAL * n_val)) - int((~passed_quality).sum())

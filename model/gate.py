@@ -78,14 +78,15 @@ def image_statistics(batch: np.ndarray) -> dict[str, np.ndarray]:
             "saturation": rows[:, 4], "colour_vector": rows[:, 5:]}
 
 
-def fit_quality_thresholds(learnt: dict[str, np.ndarray], validation: dict[str, np.ndarray]) -> dict[str, float]:
+def fit_quality_thresholds(train: dict[str, np.ndarray], validation: dict[str, np.ndarray]) -> dict[str, float]:
     """Each rule's threshold `MARGIN` beyond the most extreme `validation` image or at the most extreme image
-    the model learnt from (`learnt`: training and validation statistics), whichever refuses less, so none of
-    them fails a check; but the focus floor at the softest validation image. The upper brightness limit,
-    bounded by 1, moves a fifth of the way to 1 instead of by the margin."""
+    the model learnt from (`train` or `validation`), whichever refuses less, so none of them fails a check;
+    but the focus floor at the softest validation image. The upper brightness limit, bounded by 1, moves a
+    fifth of the way to 1 instead of by the margin."""
     thresholds = {}
     for _, stat, side in QUALITY_RULES:
-        values, reference = learnt[stat], validation[stat]
+        reference = validation[stat]
+        values = np.concatenate([train[stat], reference])
         if side == "blank":
             value = BLANK_CONTRAST
         elif side == "above" and stat == "brightness":

@@ -18,7 +18,7 @@ def test_thresholds_pass_every_learnt_image_keep_the_validation_margin_and_the_f
     validation = _statistics(rng, 200, (0.07, 0.9))
     train = _statistics(rng, 800, (0.06, 1.6))  # a grainier capture mode, and one softer capture
     learnt = {k: np.concatenate([train[k], validation[k]]) for k in validation}
-    thresholds = fit_quality_thresholds(learnt, validation)
+    thresholds = fit_quality_thresholds(train, validation)
     assert set(thresholds) == {f"{stat}_{side}" for _, stat, side in QUALITY_RULES}
     assert thresholds["focus_below"] == validation["focus"].min()  # a 5 px defocus reaches the margin below it
     assert thresholds["focus_above"] == learnt["focus"].max()  # the grainier training mode, beyond the margin
