@@ -18,6 +18,7 @@ from model.classifier import CARD_NAME, DEFAULT_ARTIFACT, Classifier, file_sha25
 from model.explain import explain, heat_grid
 from model.gate import QUALITY_RULES
 from model.preprocess import jpeg_quality, preprocess
+from model.trust_report import assess_all
 
 ARTIFACTS = DEFAULT_ARTIFACT.parent.parent
 # Measured on the served model's own held-out split (grouped test): 55 of 506 = 0.109 refused (gate 2,
@@ -44,7 +45,7 @@ def held_out(data_root, served):
 
 def _assess_bytes(clf: Classifier, payloads: list[bytes]):
     images = np.stack([preprocess(b, clf.input_size) for b in payloads])
-    return clf.assess(images, [jpeg_quality(b) for b in payloads])
+    return assess_all(clf, images, [jpeg_quality(b) for b in payloads])
 
 
 def test_every_failed_capture_is_indeterminate_with_its_reason(served, data_root, held_out):
@@ -62,7 +63,7 @@ def test_defocus_of_radius_5_is_refused_on_every_held_out_image(served, data_roo
     """The mildest failed-capture defocus (a 5 px pillbox at 224 px) on the whole held-out split, not a sample."""
     test, _ = held_out
     payloads = [ood.encode(ood.defocus(ood.decode((data_root / s.path).read_bytes()), 5), ".jpg", 95) for s in test]
-    diagnoses = [d for i in range(0, len(payloads), 64) for d in _assess_bytes(served, payloads[i:i + 64])]
+    diagnoses = _assess_bytes(served, payloads)
     decided = [s.path for s, d in zip(test, diagnoses, strict=True) if d.label != "Indeterminate"]
     assert not decided, f"{len(decided)} of {len(test)} defocused captures decided: {decided[:5]}"
 
@@ -78,8 +79,7 @@ def test_the_quality_gate_passes_every_smear_the_model_learnt_from(name, data_ro
     learnt = splits["train"] + splits["val"]
     images = data.load_images(data_root, learnt, clf.input_size)
     quality = {reason for reason, _, _ in QUALITY_RULES}
-    refused = [(s.path, d.reason) for i in range(0, len(images), 256)
-               for s, d in zip(learnt[i:i + 256], clf.assess(images[i:i + 256]), strict=True) if d.reason in quality]
+    refused = [(s.path, d.reason) for s, d in zip(learnt, assess_all(clf, images), strict=True) if d.reason in quality]
     softer = [path for path, reason in refused if reason == "out_of_focus"]
     assert len(softer) <= len(learnt) / 1000 and len(refused) == len(softer), \
         f"{len(refused)} of {len(learnt)} training and validation smears refused: {refused[:6]}"
@@ -91,8 +91,7 @@ def test_fields_of_another_laboratory_are_not_diagnosed(served, bccd_root):
     the training extremes 8 were (4 Positive)."""
     fields, _ = ood.bccd(bccd_root)
     assert len(fields) == BCCD_FIELDS, f"{len(fields)} BCCD fields at {bccd_root}, not the data set's {BCCD_FIELDS}"
-    payloads = list(fields.values())
-    diagnoses = [d for i in range(0, len(payloads), 64) for d in _assess_bytes(served, payloads[i:i + 64])]
+    diagnoses = _assess_bytes(served, list(fields.values()))
     decided = [d.label for d in diagnoses if d.label != "Indeterminate"]
     assert len(decided) <= MAX_BCCD_FIELDS_DECIDED and decided.count("Positive") <= 1, \
         f"{len(decided)} of {len(fields)} BCCD fields decided: {sorted(decided)}"
@@ -120,7 +119,7 @@ def test_photographs_are_not_diagnosed(served):
 def test_held_out_split_is_answered_with_calibrated_confidence(served, data_root, held_out):
     test, labels = held_out
     images = data.load_images(data_root, test, served.input_size)
-    diagnoses = [d for i in range(0, len(images), 64) for d in served.assess(images[i:i + 64])]
+    diagnoses = assess_all(served, images)
     refused = np.array([d.label == "Indeterminate" for d in diagnoses])
     assert refused.mean() <= MAX_HELD_OUT_REFUSAL, f"{refused.sum()} of {len(refused)} held-out images refused"
     assert all(d.reason is not None for d in diagnoses if d.label == "Indeterminate")
