@@ -69,7 +69,7 @@ def cmd_cv(args: argparse.Namespace) -> None:
         return
     only = set(args.only.split(",")) if args.only else None
     result = cross_validate(data.data_root(args.data), args.arch, args.folds, args.repeats, args.seed, args.epochs,
-                            Path(args.out) if args.out else None, only)
+                            Path(args.out) if args.out else None, only, args.classes)
     if args.store:
         (Path(args.store) / "cv_grouped.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
@@ -412,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="override the recipe's budget (trials; results go elsewhere)")
     p.add_argument("--out", help="folder of the per-fold results (default runs/cv/RECIPE)")
     p.add_argument("--only", help="comma-separated repeat-fold ids to run, e.g. 0-0,0-1")
+    p.add_argument("--classes", choices=["binary", "subtype"], default="binary",
+                   help="head to train: ALL vs benign, or the 4 subtypes (screened on P(ALL) either way)")
     p.add_argument("--store", help="artifact folder to copy the summary into (cv_grouped.json)")
     p.add_argument("--trial", action="store_true",
                    help="one run on the grouped split instead, scored on its validation part (runs/trials/)")

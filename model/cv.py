@@ -3,8 +3,10 @@
 Groups are the committed ones (`data/aria2021/grouped/groups.txt`: duplicates, field twins, capture
 blocks). In each fold the network is trained from scratch at the recipe's full budget on the fold's
 train part, its operating threshold is chosen on the fold's validation part (sensitivity >= 0.98),
-and the fold's test part is scored under every variant of the stain protocol. Each finished fold is
-written to `<out>/<repeat>-<fold>.json` and skipped when the command runs again.
+and the fold's test part is scored under every variant of the stain protocol. With `--classes subtype`
+the network has the 4-class head; the screen is scored on P(ALL) = 1 - P(Benign) as for the binary
+head, and each fold adds the subtypes' recalls and confusion matrix. Each finished fold is written to
+`<out>/<repeat>-<fold>.json` and skipped when the command runs again.
 
     python -m model cv --arch cellnet --folds 5 --repeats 2      # -> runs/cv/cellnet/
 """
@@ -32,22 +34,28 @@ def read_groups(root: Path, samples: list[data.Sample]) -> np.ndarray:
 
 
 def run_fold(recipe: str, images: np.ndarray, samples: list[data.Sample], parts: dict[str, np.ndarray], seed: int,
-             epochs: int | None) -> dict:
+             epochs: int | None, classes: str = "binary") -> dict:
     """Train on one fold's train part, threshold on its validation part, protocol scores on its test part."""
     from model.calibration import choose_threshold
-    from model.train import MIN_SENSITIVITY, fit, p_all
+    from model.evaluate import subtype_scores
+    from model.train import MIN_SENSITIVITY, class_names, class_probabilities, fit, p_all, targets
 
     labels = np.array([s.label for s in samples])
     subtypes = np.array([s.subtype for s in samples])
+    y, names = targets(samples, classes), class_names(classes)
     tr, va, te = parts["train"], parts["val"], parts["test"]
-    model, history = fit(recipe, images[tr], labels[tr], images[va], labels[va], 2, seed, epochs)
+    model, history = fit(recipe, images[tr], y[tr], images[va], y[va], len(names), seed, epochs)
     threshold = choose_threshold(labels[va], p_all(model, images[va]), MIN_SENSITIVITY)
     by_variant = protocol.variant_p_all(lambda x: p_all(model, x), images[te])
-    return {"recipe": recipe, "seed": seed, "threshold": threshold, "epochs_run": len(history["loss"]),
-            "best_val_auc": max(history["val_auc"]), "sizes": {k: len(v) for k, v in parts.items()},
-            "benign": {k: int((labels[v] == 0).sum()) for k, v in parts.items()},
-            "test_paths": [samples[i].path for i in te], "p_all_colour": by_variant["colour"][0].round(6).tolist(),
-            "protocol": protocol.summarise(labels[te], subtypes[te], by_variant, threshold)}
+    result = {"recipe": recipe, "classes": names, "seed": seed, "threshold": threshold,
+              "epochs_run": len(history["loss"]), "best_val_auc": max(history["val_auc"]),
+              "sizes": {k: len(v) for k, v in parts.items()},
+              "benign": {k: int((labels[v] == 0).sum()) for k, v in parts.items()},
+              "test_paths": [samples[i].path for i in te], "p_all_colour": by_variant["colour"][0].round(6).tolist(),
+              "protocol": protocol.summarise(labels[te], subtypes[te], by_variant, threshold)}
+    if classes == "subtype":
+        result["subtype"] = subtype_scores(names, subtypes[te].tolist(), class_probabilities(model, images[te]))
+    return result
 
 
 def summary(results: list[dict]) -> dict:
@@ -64,12 +72,13 @@ def summary(results: list[dict]) -> dict:
 
 
 def cross_validate(root: Path, recipe: str, folds: int = 5, repeats: int = 1, seed: int = 42, epochs: int | None = None,
-                   out: Path | None = None, only: set[str] | None = None) -> dict:
+                   out: Path | None = None, only: set[str] | None = None, classes: str = "binary") -> dict:
     """Run (or resume) every repeat x fold, write per-fold JSON and `summary.json`; `only` picks `r-k` folds."""
     from model.networks import INPUT_SIZES
     from model.train import architecture
 
-    out = out or data.REPO / "runs" / "cv" / (recipe if epochs is None else f"{recipe}-{epochs}ep")
+    name = recipe if classes == "binary" else f"{recipe}_{classes}"
+    out = out or data.REPO / "runs" / "cv" / (name if epochs is None else f"{name}-{epochs}ep")
     out.mkdir(parents=True, exist_ok=True)
     _, samples = data.load_dataset(root)
     groups = read_groups(root, samples)
@@ -81,7 +90,7 @@ def cross_validate(root: Path, recipe: str, folds: int = 5, repeats: int = 1, se
                 continue
             if images is None:
                 images = data.load_images(root, samples, INPUT_SIZES[architecture(recipe)])
-            result = run_fold(recipe, images, samples, parts, seed + 100 * r + k, epochs)
+            result = run_fold(recipe, images, samples, parts, seed + 100 * r + k, epochs, classes)
             result.update(repeat=r, fold=k, epochs_budget=epochs)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(result) + "\n")

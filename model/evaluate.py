@@ -78,13 +78,12 @@ def evaluate_artifacts(out_dir: Path, root: Path, seed: int = 42) -> dict:
     return card["metrics"]
 
 
-def subtype_report(out_dir: Path, card: dict, subtypes: list[str], probabilities: np.ndarray) -> dict:
-    """Per-class recall (Wilson 95 %) and precision of a multi-class head, and its confusion matrix PNG."""
+def subtype_scores(names: list[str], subtypes: list[str], probabilities: np.ndarray) -> dict:
+    """Per-class recall (Wilson 95 %) and precision, balanced accuracy and confusion matrix of argmax calls."""
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
     from model.metrics import wilson_interval
 
-    names = card["classes"]
     truth = np.array([names.index(s) for s in subtypes])
     predicted = probabilities.argmax(1)
     matrix = confusion_matrix(truth, predicted, labels=range(len(names)))
@@ -93,14 +92,20 @@ def subtype_report(out_dir: Path, card: dict, subtypes: list[str], probabilities
         n, hits, called = int(matrix[k].sum()), int(matrix[k, k]), int(matrix[:, k].sum())
         per_class[name] = {"n": n, "recall": hits / n if n else float("nan"), "recall_ci": wilson_interval(hits, n),
                            "precision": hits / called if called else float("nan")}
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=ax, colorbar=False)
-    ax.set_title(f"{card['name']} int8, test split (argmax)")
-    fig.savefig(out_dir / "confusion_subtype.png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return {"accuracy": float(np.mean(truth == predicted)),
             "balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
             "confusion": matrix.tolist(), "per_class": per_class}
+
+
+def subtype_report(out_dir: Path, card: dict, subtypes: list[str], probabilities: np.ndarray) -> dict:
+    """`subtype_scores` of a multi-class head on the test split, and its confusion matrix PNG."""
+    scores = subtype_scores(card["classes"], subtypes, probabilities)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ConfusionMatrixDisplay(np.array(scores["confusion"]), display_labels=card["classes"]).plot(ax=ax, colorbar=False)
+    ax.set_title(f"{card['name']} int8, test split (argmax)")
+    fig.savefig(out_dir / "confusion_subtype.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return scores
 
 
 def _plots(out_dir: Path, card: dict, labels: np.ndarray, p_all: np.ndarray, decisions: np.ndarray) -> None:

@@ -84,10 +84,15 @@ def targets(samples: list[data.Sample], classes: str) -> np.ndarray:
     return np.array([data.ARIA_CLASSES.index(s.subtype) for s in samples])
 
 
-def p_all(model: keras.Model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+def class_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Softmax outputs of a Keras model, in inference mode, batch by batch."""
+    return np.concatenate([model(images[i:i + batch_size], training=False).numpy()
+                           for i in range(0, len(images), batch_size)])
+
+
+def p_all(model: keras.Model, images: np.ndarray) -> np.ndarray:
     """P(ALL) = 1 - P(Benign) (class 0 in both class lists) of a Keras model, in inference mode."""
-    return 1.0 - np.concatenate([model(images[i:i + batch_size], training=False).numpy()
-                                 for i in range(0, len(images), batch_size)])[:, 0]
+    return 1.0 - class_probabilities(model, images)[:, 0]
 
 
 class ValidationAUC(keras.callbacks.Callback):

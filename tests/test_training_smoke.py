@@ -36,3 +36,26 @@ def test_one_epoch_on_real_images_exports_loadable_artifacts(data_root, tmp_path
         assert all(d.label in ("Positive", "Negative", "Indeterminate") and set(d.probabilities) == set(names)
                    for d in diagnoses)
     np.testing.assert_allclose(outputs["keras"], outputs["float32"], atol=1e-4)
+
+
+def test_a_cv_fold_trains_and_scores_the_subtype_head(data_root):
+    """One short grouped-CV fold with the 4-class head: the screen is scored on P(ALL), the subtypes per class."""
+    from model import data, grouped
+    from model.cv import read_groups, run_fold
+
+    _, samples = data.load_dataset(data_root)
+    fold = grouped.cv_indices(samples, read_groups(data_root, samples), 5, 42)[0]
+    picked = {k: v[::12] for k, v in fold.items()}  # a few hundred images, every class in every part
+    chosen = [samples[i] for k in ("train", "val", "test") for i in picked[k]]
+    sizes = [len(picked[k]) for k in ("train", "val", "test")]
+    bounds = np.cumsum([0, *sizes])
+    parts = {k: np.arange(bounds[j], bounds[j + 1]) for j, k in enumerate(("train", "val", "test"))}
+    images = data.load_images(data_root, chosen, 100)
+    result = run_fold("allds2020", images, chosen, parts, seed=5, epochs=1, classes="subtype")
+    assert result["classes"] == ["Benign", "Early", "Pre", "Pro"]
+    assert 0.0 <= result["protocol"]["colour"]["seed0"]["roc_auc"] <= 1.0
+    subtype = result["subtype"]
+    assert set(subtype["per_class"]) == {"Benign", "Early", "Pre", "Pro"}
+    matrix = np.array(subtype["confusion"])
+    assert matrix.shape == (4, 4) and matrix.sum() == sizes[2]
+    assert matrix.sum(1).tolist() == [sum(s.subtype == c for s in chosen[bounds[2]:]) for c in result["classes"]]
