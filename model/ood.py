@@ -34,7 +34,7 @@ EXPECTED_REASONS = {
     "gradient": {"not_a_blood_smear", "out_of_focus"},
     "defocus": {"out_of_focus", "unfamiliar_image"},
     "overexposed": {"overexposed"},
-    "underexposed": {"underexposed", "not_a_blood_smear"},  # at x0.15 some lose the stain colour too
+    "underexposed": {"underexposed"},
     "heavy_jpeg": {"heavily_compressed"},
 }
 SOLID_COLOURS = {"grey": (128, 128, 128), "red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),

@@ -26,8 +26,9 @@ import numpy as np
 from model.calibration import Calibration
 from model.gate import FeatureDensity, image_statistics, load_density, quality_reasons
 
-REASONS = ("underexposed", "overexposed", "not_a_blood_smear", "out_of_focus", "heavily_compressed",
-           "unfamiliar_image", "borderline")
+# Every reason an Indeterminate answer can carry (docs/protocol.md).
+REASONS = ("underexposed", "overexposed", "not_a_blood_smear", "unfamiliar_stain", "out_of_focus",
+           "heavily_compressed", "unfamiliar_image", "borderline")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from agent import protocol
 from model.classifier import Diagnosis
+from model.gate import QUALITY_RULES
+from model.policy import REASONS
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
                            lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=30)
@@ -59,13 +61,19 @@ def test_json_nesting_bound_reads_strings_right(text, ok):
             protocol.parse_json(text.encode(), "test")
 
 
-@pytest.mark.parametrize("label", ["Positive", "Negative"])
-def test_sensors_record_hashed_part_fits_bcrypt(label):
-    diagnosis = Diagnosis(label, None, 0.9, 0.9 if label == "Positive" else 0.1, {"Benign": 0.1, "ALL": 0.9})
+@pytest.mark.parametrize("label, reason", [("Positive", None), ("Negative", None),
+                                           *(("Indeterminate", r) for r in REASONS)])
+def test_sensors_record_hashed_part_fits_bcrypt(label, reason):
+    diagnosis = Diagnosis(label, reason, 0.9, 0.9 if label == "Positive" else 0.1, {"Benign": 0.1, "ALL": 0.9})
     record = json.loads(protocol.sensors_record(diagnosis, "r-1"))
     hashed = (record["Sensor"] + record["Type"] + record["Value"] + record["Message"]).encode()
     assert len(hashed) <= 72, (label, len(hashed))
     assert record["Value"] == label and record["id"] == "r-1"
+    assert reason is None or record["Message"] == f"Refused: {reason}"  # every reason whole
+
+
+def test_every_gate_reason_is_a_listed_reason():
+    assert {r for r, _, _ in QUALITY_RULES} - {"blank"} <= set(REASONS)
 
 
 def test_reply_routes_never_reach_an_own_channel_even_below_it():
