@@ -214,7 +214,7 @@ def test_replay_of_real_images(broker, client, online, data_root, tmp_path):
     assert m["tp"] + m["fp"] + m["tn"] + m["fn"] + sum(report["indeterminate"].values()) == 120
 
 
-@pytest.mark.parametrize("name", ["cellnet", "cellnet_subtype"])  # allds2020: tests/test_delivery.py
+@pytest.mark.parametrize("name", ["cellnet", "cellnet_standardised_subtype"])  # allds2020: tests/test_delivery.py
 def test_each_selectable_model_serves_over_the_wire(broker, client, start_agent, image, name):
     """`model.name` picks any shipped model besides the default (which mixes float32 and int8 ops)."""
     start_agent(broker.port, model={"name": name})

@@ -68,7 +68,7 @@ def test_defocus_of_radius_5_is_refused_on_every_held_out_image(served, data_roo
     assert not decided, f"{len(decided)} of {len(test)} defocused captures decided: {decided[:5]}"
 
 
-@pytest.mark.parametrize("name", ["cellnet_standardised", "cellnet", "allds2020", "cellnet_subtype"])
+@pytest.mark.parametrize("name", ["cellnet_standardised", "cellnet", "allds2020", "cellnet_standardised_subtype"])
 def test_the_quality_gate_passes_every_smear_the_model_learnt_from(name, data_root):
     """A capture like those the network was trained on is no failed capture: no training or validation
     image may be refused by a quality rule (a validation split made of whole capture blocks can miss a
