@@ -62,7 +62,8 @@ def cmd_cv(args: argparse.Namespace) -> None:
     from model.cv import cross_validate, trial
 
     if args.trial:
-        result = trial(data.data_root(args.data), args.arch, args.epochs, args.seed, Path(args.out) if args.out else None)
+        result = trial(data.data_root(args.data), args.arch, args.epochs, args.seed, Path(args.out) if args.out else None,
+                       args.classes)
         print(json.dumps({"val_auc": result["best_val_auc"], "epochs_run": result["epochs_run"],
                           **{v: {k: m["seed0"][k] for k in ("balanced_accuracy", "roc_auc", "early_sensitivity")}
                              for v, m in result["protocol"].items()}}, indent=2))

@@ -176,7 +176,8 @@ class Classifier:
                jpeg_quality: Sequence[int | None] | None = None) -> list[Diagnosis]:
         """`assess` on outputs already computed for `batch` (evaluation reuses one invocation)."""
         p_all = self.p_all(probabilities)
-        decisions = self.policy.decide(batch, p_all, features, jpeg_quality)
+        benign_on_top = probabilities.argmax(1) == self.classes.index("Benign")
+        decisions = self.policy.decide(batch, p_all, features, jpeg_quality, benign_on_top)
         return [Diagnosis(d.label, d.reason, d.confidence, float(p), _rounded(self.classes, row), d.ood_score)
                 for d, p, row in zip(decisions, p_all, probabilities, strict=True)]
 

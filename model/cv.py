@@ -80,6 +80,14 @@ def cross_validate(root: Path, recipe: str, folds: int = 5, repeats: int = 1, se
     name = recipe if classes == "binary" else f"{recipe}_{classes}"
     out = out or data.REPO / "runs" / "cv" / (name if epochs is None else f"{name}-{epochs}ep")
     out.mkdir(parents=True, exist_ok=True)
+    run = {"recipe": recipe, "head": classes, "epochs_budget": epochs}
+    for path in sorted(out.glob("*-*.json")):
+        done = json.loads(path.read_text())
+        binary = done.get("classes", list(data.BINARY_CLASSES)) == list(data.BINARY_CLASSES)  # older folds: binary
+        found = {"recipe": done.get("recipe"), "head": "binary" if binary else "subtype",
+                 "epochs_budget": done.get("epochs_budget")}
+        if found != run:
+            raise ValueError(f"{path} holds a fold of {found}, not of {run}: use another --out")
     _, samples = data.load_dataset(root)
     groups = read_groups(root, samples)
     images = None
@@ -98,12 +106,13 @@ def cross_validate(root: Path, recipe: str, folds: int = 5, repeats: int = 1, se
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*-*.json"))]
     if not results:
         return {"folds": 0}
-    result = summary(results)
+    result = {**run, **summary(results)}
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def trial(root: Path, recipe: str, epochs: int | None, seed: int = 42, out: Path | None = None) -> dict:
+def trial(root: Path, recipe: str, epochs: int | None, seed: int = 42, out: Path | None = None,
+          classes: str = "binary") -> dict:
     """A recipe trial on the committed grouped split: train on train, score on validation (never test).
 
     The threshold is chosen on the same validation images it is scored on, so balanced accuracies
@@ -121,7 +130,7 @@ def trial(root: Path, recipe: str, epochs: int | None, seed: int = 42, out: Path
     size = INPUT_SIZES[architecture(recipe)]
     images = np.zeros((len(samples), size, size, 3), np.float32)  # test images are never decoded
     images[used] = data.load_images(root, [samples[i] for i in used], size)
-    result = run_fold(recipe, images, samples, parts, seed, epochs)
+    result = run_fold(recipe, images, samples, parts, seed, epochs, classes)
     path = out or data.REPO / "runs" / "trials" / f"{recipe}-{epochs or 'full'}ep.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result) + "\n")

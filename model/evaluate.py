@@ -90,8 +90,8 @@ def subtype_scores(names: list[str], subtypes: list[str], probabilities: np.ndar
     per_class = {}
     for k, name in enumerate(names):
         n, hits, called = int(matrix[k].sum()), int(matrix[k, k]), int(matrix[:, k].sum())
-        per_class[name] = {"n": n, "recall": hits / n if n else float("nan"), "recall_ci": wilson_interval(hits, n),
-                           "precision": hits / called if called else float("nan")}
+        per_class[name] = {"n": n, "recall": hits / n if n else None, "recall_ci": wilson_interval(hits, n) if n else None,
+                           "precision": hits / called if called else None}
     return {"accuracy": float(np.mean(truth == predicted)),
             "balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
             "confusion": matrix.tolist(), "per_class": per_class}

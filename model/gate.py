@@ -18,23 +18,23 @@ import numpy as np
 
 # (reason, statistic, refuse when the statistic is "below" or "above" its threshold, or "blank": below
 # the fixed BLANK_CONTRAST), in the order
-# they are tried: the first that fails names the reason. Defocus comes first (a blurred bright field
-# also clips more pixels). Underexposure comes before the flat-frame check (luma contrast falls with the
-# light: at x0.3 exposure 9 of 43 held-out smears were called flat) but after the exposure-invariant
-# colour checks, so a dark photograph is refused for its colour, a dark smear as "underexposed". The colour
-# checks name what they see, a colour unlike the stained smears the model was validated on: another
-# laboratory's stain or camera, a grayscale capture, or a frame that is no smear (they cannot tell these
-# apart, so they do not claim to).
+# they are tried: the first that fails names the reason, and each names what its statistic sees. Defocus
+# comes first (a blurred bright field also clips more pixels). Underexposure comes before low contrast (luma
+# contrast falls with the light: at x0.3 exposure 9 of 43 held-out smears were called flat) but after the
+# exposure-invariant colour checks, so a dark photograph is refused for its colour, a dark smear as
+# "underexposed". The colour checks see a colour unlike the stained smears the model learnt from: another
+# laboratory's stain or camera, a grayscale capture, or a frame that is no smear; they cannot tell these
+# apart, so the reason does not claim to.
 QUALITY_RULES = (
     ("blank", "contrast", "blank"),               # blank or solid frames: named by their brightness
     ("out_of_focus", "focus", "below"),
     ("overexposed", "clipped", "above"),
     ("overexposed", "brightness", "above"),
     ("not_a_blood_smear", "focus", "above"),      # more fine detail than any smear: noise, text, textures
-    ("unfamiliar_stain", "saturation", "below"),  # no stain colour: grey frames, grayscale captures
-    ("unfamiliar_stain", "colour", "above"),      # colour unlike the stained smears (distance, see below)
+    ("unfamiliar_colour", "saturation", "below"),  # no stain colour: grey frames, grayscale captures
+    ("unfamiliar_colour", "colour", "above"),     # colour unlike the stained smears (distance, see below)
     ("underexposed", "brightness", "below"),
-    ("not_a_blood_smear", "contrast", "below"),   # nearly flat frames
+    ("low_contrast", "contrast", "below"),        # flatter than any smear (dim or washed-out captures, flat frames)
 )
 BLANK_CONTRAST = 0.01  # luma standard deviation of a blank frame (2.5 grey levels; smears: >= 0.05)
 DARK_FLAT, BRIGHT_FLAT = 0.15, 0.85  # a blank frame darker / brighter than this is under- / overexposed

@@ -27,8 +27,8 @@ from model.calibration import Calibration
 from model.gate import FeatureDensity, image_statistics, load_density, quality_reasons
 
 # Every reason an Indeterminate answer can carry (docs/protocol.md).
-REASONS = ("underexposed", "overexposed", "not_a_blood_smear", "unfamiliar_stain", "out_of_focus",
-           "heavily_compressed", "unfamiliar_image", "borderline")
+REASONS = ("underexposed", "overexposed", "low_contrast", "out_of_focus", "heavily_compressed", "not_a_blood_smear",
+           "unfamiliar_colour", "unfamiliar_image", "borderline")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,10 @@ class DecisionPolicy:
         return reasons, scores
 
     def decide(self, batch: np.ndarray, p_all: np.ndarray, features: np.ndarray | None,
-               jpeg_quality: Sequence[int | None] | None = None) -> list[Decision]:
+               jpeg_quality: Sequence[int | None] | None = None, benign_on_top: np.ndarray | None = None) -> list[Decision]:
+        """Gate, band, then the answer. `benign_on_top` (per image: is Benign the most probable class?) keeps
+        a Negative from contradicting the outputs: a multi-class head's band can end above 0.5, where a
+        leukaemia subtype can lead while P(ALL) is below the band; such an image is `borderline`."""
         if not self.calibrated:
             raise ValueError("no decision policy: run `python -m model calibrate` on this artifact")
         reasons, scores = self.gate(batch, features, jpeg_quality)
@@ -102,7 +105,7 @@ class DecisionPolicy:
         out = []
         for i, (reason, p) in enumerate(zip(reasons, p_all, strict=True)):
             score = None if scores is None else float(scores[i])
-            if reason is None and low <= p < high:
+            if reason is None and (low <= p < high or (p < low and benign_on_top is not None and not benign_on_top[i])):
                 reason = "borderline"
             if reason is not None:
                 out.append(Decision("Indeterminate", reason, None, score))

@@ -509,3 +509,12 @@ def test_site_config_serves_the_console_over_tls_to_users_with_a_password(tmp_pa
         assert not mqtt_over_websockets(ws, certs / "ca.crt")  # anonymous: refused
     finally:
         broker.stop()
+
+
+def test_the_console_words_every_reason_the_agent_gives():
+    """Each reason an Indeterminate answer can carry has its own words on the page, not a fallback."""
+    from model.policy import REASONS
+
+    script = (Path(__file__).resolve().parents[1] / "console" / "www" / "console.js").read_text()
+    table = script[script.index("const REASONS = {"):script.index("};", script.index("const REASONS = {"))]
+    assert not [r for r in REASONS if f"{r}:" not in table], table

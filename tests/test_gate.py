@@ -28,3 +28,23 @@ def test_thresholds_pass_every_learnt_image_keep_the_validation_margin_and_the_f
     assert reasons.count("out_of_focus") == int((train["focus"] < validation["focus"].min()).sum())
     softer = {**validation, "focus": validation["focus"] * 0.99}
     assert quality_reasons(softer, thresholds).count("out_of_focus") == 1  # only the softest falls below
+
+
+def test_each_failure_is_named_by_what_the_gate_sees():
+    """Rule order, without data: exposure before the exposure-dependent contrast; colour before exposure."""
+    rng = np.random.default_rng(1)
+    thresholds = fit_quality_thresholds(_statistics(rng, 100, (0.07, 0.9)), _statistics(rng, 100, (0.07, 0.9)))
+    smear = {"brightness": 0.7, "contrast": 0.1, "focus": 0.5, "clipped": 0.0, "saturation": 0.15, "colour": 1.0}
+    cases = {
+        "dim smear, contrast fallen with the light": ({"brightness": 0.3, "contrast": 0.03}, "underexposed"),
+        "smear of normal exposure and low contrast": ({"contrast": 0.03}, "low_contrast"),
+        "grayscale capture of a smear": ({"saturation": 0.0}, "unfamiliar_colour"),
+        "dark frame of a foreign colour": ({"brightness": 0.3, "colour": 9.0}, "unfamiliar_colour"),
+        "noise or texture": ({"focus": 5.0, "colour": 9.0}, "not_a_blood_smear"),
+        "blank mid-grey frame": ({"contrast": 0.001, "saturation": 0.0}, "not_a_blood_smear"),
+        "blank dark frame": ({"brightness": 0.05, "contrast": 0.001}, "underexposed"),
+        "a smear": ({}, None),
+    }
+    for name, (changes, reason) in cases.items():
+        stats = {k: np.array([v], np.float32) for k, v in {**smear, **changes}.items()}
+        assert quality_reasons(stats, thresholds) == [reason], name

@@ -59,3 +59,17 @@ def test_a_cv_fold_trains_and_scores_the_subtype_head(data_root):
     matrix = np.array(subtype["confusion"])
     assert matrix.shape == (4, 4) and matrix.sum() == sizes[2]
     assert matrix.sum(1).tolist() == [sum(s.subtype == c for s in chosen[bounds[2]:]) for c in result["classes"]]
+
+
+def test_cv_refuses_to_resume_from_folds_of_another_recipe_or_head(data_root, tmp_path):
+    """Resuming skips finished folds; a fold file of another recipe, head or budget must stop the run, not be
+    summarised as this one (e.g. `--classes subtype` pointed at the binary CV's folder)."""
+    import json
+
+    from model.cv import cross_validate
+
+    (tmp_path / "0-0.json").write_text(json.dumps({"recipe": "cellnet_standardised", "epochs_budget": None}) + "\n")
+    with pytest.raises(ValueError, match="binary"):
+        cross_validate(data_root, "cellnet_standardised", out=tmp_path, classes="subtype")
+    with pytest.raises(ValueError, match="cellnet_standardised"):
+        cross_validate(data_root, "cellnet", out=tmp_path)

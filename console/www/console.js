@@ -13,8 +13,10 @@
   const METRICS = [["CPU", "CPU", "%", 0, 100], ["Memory", "Memory", "%", 0, 100],
                    ["Diskspace", "Disk", "%", 0, 100], ["Temperature", "Temperature", "°C", null, null]];
   const REASONS = {
-    not_a_blood_smear: "not a blood smear", out_of_focus: "out of focus", overexposed: "overexposed",
-    underexposed: "underexposed", unfamiliar_image: "unfamiliar image", borderline: "borderline: too close to the threshold",
+    underexposed: "underexposed", overexposed: "overexposed", low_contrast: "low contrast", out_of_focus: "out of focus",
+    heavily_compressed: "heavily compressed", not_a_blood_smear: "not a blood smear",
+    unfamiliar_colour: "colour unlike the smears the model was validated on", unfamiliar_image: "unfamiliar image",
+    borderline: "borderline: the model cannot decide",
   };
 
   const $ = (selector, root = document) => root.querySelector(selector);
