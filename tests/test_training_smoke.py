@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from model.calibrate import fit_policy
 from model.classifier import CARD_NAME, Classifier
@@ -53,7 +54,10 @@ def test_a_cv_fold_trains_and_scores_the_subtype_head(data_root):
     images = data.load_images(data_root, chosen, 100)
     result = run_fold("allds2020", images, chosen, parts, seed=5, epochs=1, classes="subtype")
     assert result["classes"] == ["Benign", "Early", "Pre", "Pro"]
-    assert 0.0 <= result["protocol"]["colour"]["seed0"]["roc_auc"] <= 1.0
+    labels = [s.label for s in chosen[bounds[2]:]]
+    assert len(result["p_all_colour"]) == sizes[2]  # P(ALL) = 1 - P(Benign) of each test image, as scored
+    assert result["protocol"]["colour"]["seed0"]["roc_auc"] == pytest.approx(roc_auc_score(labels, result["p_all_colour"]),
+                                                                           abs=1e-4)
     subtype = result["subtype"]
     assert set(subtype["per_class"]) == {"Benign", "Early", "Pre", "Pro"}
     matrix = np.array(subtype["confusion"])
