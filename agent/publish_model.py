@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         session.stop()
     print(f"bundle {args.bundle.name} sha256 {digest[:12]} on {topic}")
-    print(f"{'device':<28} {'state':<8} {'model':<34} reason")
+    print(f"{'device':<28} {'state':<8} {'model':<42} reason")
     for device in sorted(devices):
         state = results.get(device, {"state": "no answer"})
         model = f"{state.get('name') or ''} {state.get('version') or ''}".strip()
-        print(f"{device:<28} {state['state']:<8} {model:<34} {state.get('reason') or ''}")
+        print(f"{device:<28} {state['state']:<8} {model:<42} {state.get('reason') or ''}")
     return 0 if all(results.get(d, {}).get("state") == "active" for d in devices) else 1
 
 
