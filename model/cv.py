@@ -131,7 +131,8 @@ def trial(root: Path, recipe: str, epochs: int | None, seed: int = 42, out: Path
     images = np.zeros((len(samples), size, size, 3), np.float32)  # test images are never decoded
     images[used] = data.load_images(root, [samples[i] for i in used], size)
     result = run_fold(recipe, images, samples, parts, seed, epochs, classes)
-    path = out or data.REPO / "runs" / "trials" / f"{recipe}-{epochs or 'full'}ep.json"
+    name = recipe if classes == "binary" else f"{recipe}_{classes}"
+    path = out or data.REPO / "runs" / "trials" / f"{name}-{epochs or 'full'}ep.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result) + "\n")
     return result

@@ -95,8 +95,8 @@ class DecisionPolicy:
     def decide(self, batch: np.ndarray, p_all: np.ndarray, features: np.ndarray | None,
                jpeg_quality: Sequence[int | None] | None = None, benign_on_top: np.ndarray | None = None) -> list[Decision]:
         """Gate, band, then the answer. `benign_on_top` (per image: is Benign the most probable class?) keeps
-        a Negative from contradicting the outputs: a multi-class head's band can end above 0.5, where a
-        leukaemia subtype can lead while P(ALL) is below the band; such an image is `borderline`."""
+        a Negative from contradicting the outputs: a multi-class head's band can start above 0.5, and a
+        leukaemia subtype can lead wherever P(ALL) > 0.5; such an image is `borderline`."""
         if not self.calibrated:
             raise ValueError("no decision policy: run `python -m model calibrate` on this artifact")
         reasons, scores = self.gate(batch, features, jpeg_quality)

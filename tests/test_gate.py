@@ -48,3 +48,25 @@ def test_each_failure_is_named_by_what_the_gate_sees():
     for name, (changes, reason) in cases.items():
         stats = {k: np.array([v], np.float32) for k, v in {**smear, **changes}.items()}
         assert quality_reasons(stats, thresholds) == [reason], name
+
+
+def test_a_negative_never_contradicts_the_most_probable_class():
+    """The answer rule without data: below the band is Negative only while Benign leads; a band that starts
+    above 0.5 (a 4-class head's) would otherwise let a leading leukaemia subtype through as Negative."""
+    from unittest import mock
+
+    from model.policy import DecisionPolicy
+
+    p_all = np.array([0.55, 0.55, 0.30, 0.70, 0.95])
+    benign_on_top = np.array([False, True, True, False, False])
+    batch = np.zeros((len(p_all), 8, 8, 3), np.float32)
+    policy = DecisionPolicy(calibrated=True, threshold=0.9, band=(0.6, 0.9))
+    with mock.patch.object(DecisionPolicy, "gate", return_value=([None] * len(p_all), None)):
+        labels = [(d.label, d.reason) for d in policy.decide(batch, p_all, None, None, benign_on_top)]
+        unchanged = [d.label for d in policy.decide(batch, p_all, None)]
+        binary = [d.label for d in DecisionPolicy(calibrated=True, threshold=0.5, band=(0.1, 0.5)).decide(
+            batch, p_all, None, None, p_all < 0.5)]
+    assert labels == [("Indeterminate", "borderline"), ("Negative", None), ("Negative", None),
+                      ("Indeterminate", "borderline"), ("Positive", None)]
+    assert unchanged == ["Negative", "Negative", "Negative", "Indeterminate", "Positive"]
+    assert binary == ["Positive", "Positive", "Indeterminate", "Positive", "Positive"]  # band below 0.5: no-op

@@ -54,7 +54,7 @@ def test_no_negative_answer_has_a_leukaemia_class_on_top(data_root):
     contradicting = [(s.path, d.probabilities) for s, d in zip(test, diagnoses, strict=True)
                      if d.label == "Negative" and max(d.probabilities, key=d.probabilities.get) != "Benign"]
     assert not contradicting, contradicting
-    assert sum(d.label == "Negative" for d in diagnoses) >= 75  # still answers the benign smears (measured 86)
+    assert sum(d.label == "Negative" for d in diagnoses) >= 75  # still answers Negative (measured 83: 78 benign, 5 ALL)
 
 
 def test_normal_blood_of_another_laboratory_is_never_called_positive(bccd_root):

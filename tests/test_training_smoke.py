@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from model import data
 from model.calibrate import fit_policy
 from model.classifier import CARD_NAME, Classifier
 from model.preprocess import preprocess_file
@@ -41,7 +43,7 @@ def test_one_epoch_on_real_images_exports_loadable_artifacts(data_root, tmp_path
 
 def test_a_cv_fold_trains_and_scores_the_subtype_head(data_root):
     """One short grouped-CV fold with the 4-class head: the screen is scored on P(ALL), the subtypes per class."""
-    from model import data, grouped
+    from model import grouped
     from model.cv import read_groups, run_fold
 
     _, samples = data.load_dataset(data_root)
@@ -55,7 +57,7 @@ def test_a_cv_fold_trains_and_scores_the_subtype_head(data_root):
     result = run_fold("allds2020", images, chosen, parts, seed=5, epochs=1, classes="subtype")
     assert result["classes"] == ["Benign", "Early", "Pre", "Pro"]
     labels = [s.label for s in chosen[bounds[2]:]]
-    assert len(result["p_all_colour"]) == sizes[2]  # P(ALL) = 1 - P(Benign) of each test image, as scored
+    assert len(result["p_all_colour"]) == sizes[2]  # the P(ALL) kept per test image is the one scored
     assert result["protocol"]["colour"]["seed0"]["roc_auc"] == pytest.approx(roc_auc_score(labels, result["p_all_colour"]),
                                                                            abs=1e-4)
     subtype = result["subtype"]
@@ -67,9 +69,8 @@ def test_a_cv_fold_trains_and_scores_the_subtype_head(data_root):
 
 def test_cv_refuses_to_resume_from_folds_of_another_recipe_or_head(data_root, tmp_path):
     """Resuming skips finished folds; a fold file of another recipe, head or budget must stop the run, not be
-    summarised as this one (e.g. `--classes subtype` pointed at the binary CV's folder)."""
-    import json
-
+    summarised as this one (e.g. `--classes subtype` pointed at the binary CV's folder); a folder of its own
+    folds resumes."""
     from model.cv import cross_validate
 
     (tmp_path / "0-0.json").write_text(json.dumps({"recipe": "cellnet_standardised", "epochs_budget": None}) + "\n")
@@ -77,3 +78,7 @@ def test_cv_refuses_to_resume_from_folds_of_another_recipe_or_head(data_root, tm
         cross_validate(data_root, "cellnet_standardised", out=tmp_path, classes="subtype")
     with pytest.raises(ValueError, match="cellnet_standardised"):
         cross_validate(data_root, "cellnet", out=tmp_path)
+    resumed = tmp_path / "resumed"  # the binary CV's committed folds (written before folds named their classes)
+    shutil.copytree(data.REPO / "docs" / "cv" / "cellnet_standardised", resumed)
+    summary = cross_validate(data_root, "cellnet_standardised", out=resumed, only={"none"})
+    assert summary["folds"] == 5 and summary["head"] == "binary"
