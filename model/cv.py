@@ -75,9 +75,9 @@ def cross_validate(root: Path, recipe: str, folds: int = 5, repeats: int = 1, se
                    out: Path | None = None, only: set[str] | None = None, classes: str = "binary") -> dict:
     """Run (or resume) every repeat x fold, write per-fold JSON and `summary.json`; `only` picks `r-k` folds."""
     from model.networks import INPUT_SIZES
-    from model.train import architecture
+    from model.train import architecture, run_name
 
-    name = recipe if classes == "binary" else f"{recipe}_{classes}"
+    name = run_name(recipe, classes)
     out = out or data.REPO / "runs" / "cv" / (name if epochs is None else f"{name}-{epochs}ep")
     out.mkdir(parents=True, exist_ok=True)
     run = {"recipe": recipe, "head": classes, "epochs_budget": epochs}
@@ -119,7 +119,7 @@ def trial(root: Path, recipe: str, epochs: int | None, seed: int = 42, out: Path
     are optimistic alike for every recipe; compare AUCs first.
     """
     from model.networks import INPUT_SIZES
-    from model.train import architecture
+    from model.train import architecture, run_name
 
     dataset, samples = data.load_dataset(root)
     splits = data.load_splits(dataset, samples, seed, grouped.GROUPED)
@@ -131,8 +131,7 @@ def trial(root: Path, recipe: str, epochs: int | None, seed: int = 42, out: Path
     images = np.zeros((len(samples), size, size, 3), np.float32)  # test images are never decoded
     images[used] = data.load_images(root, [samples[i] for i in used], size)
     result = run_fold(recipe, images, samples, parts, seed, epochs, classes)
-    name = recipe if classes == "binary" else f"{recipe}_{classes}"
-    path = out or data.REPO / "runs" / "trials" / f"{name}-{epochs or 'full'}ep.json"
+    path = out or data.REPO / "runs" / "trials" / f"{run_name(recipe, classes)}-{epochs or 'full'}ep.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result) + "\n")
     return result

@@ -77,6 +77,11 @@ def class_names(classes: str) -> list[str]:
     return list(data.BINARY_CLASSES) if classes == "binary" else list(data.ARIA_CLASSES)
 
 
+def run_name(recipe: str, classes: str) -> str:
+    """What a recipe trained with `classes` is called (artifact, CV and trial folders): `cellnet_subtype`."""
+    return recipe if classes == "binary" else f"{recipe}_{classes}"
+
+
 def targets(samples: list[data.Sample], classes: str) -> np.ndarray:
     """Integer class index per sample."""
     if classes == "binary":
@@ -175,7 +180,7 @@ def train(root: Path, arch: str, epochs: int | None, seed: int, classes: str, ou
     else:
         model, history = fit(arch, x["train"], y["train"], x["val"], y["val"], len(names), seed, epochs)
     threshold = choose_threshold(np.array([s.label for s in splits["val"]]), p_all(model, x["val"]), MIN_SENSITIVITY)
-    name = arch if classes == "binary" else f"{arch}_{classes}"
+    name = run_name(arch, classes)
     out_dir = out_dir or ARTIFACTS / name
     model.name = name  # artifact file names follow the model name
     rng = np.random.default_rng(seed)
