@@ -11,6 +11,7 @@ from sklearn.metrics import balanced_accuracy_score, recall_score
 from model import data, ood
 from model.classifier import DEFAULT_ARTIFACT, Classifier, read_card
 from model.preprocess import jpeg_quality, preprocess
+from model.trust_report import assess_all
 
 FOLDER = DEFAULT_ARTIFACT.parent.parent / "cellnet_standardised_subtype"
 # Measured (int8, seed 42, grouped test split): balanced accuracy 0.975, Benign recall 0.940 (79/84),
@@ -50,7 +51,7 @@ def test_no_negative_answer_has_a_leukaemia_class_on_top(data_root):
     test = data.card_splits(card, dataset, samples)["test"]
     images = data.load_images(data_root, test, card["input_size"])
     clf = Classifier.load(FOLDER / card["artifacts"]["int8"]["file"])
-    diagnoses = [d for i in range(0, len(images), 64) for d in clf.assess(images[i:i + 64])]
+    diagnoses = assess_all(clf, images)
     contradicting = [(s.path, d.probabilities) for s, d in zip(test, diagnoses, strict=True)
                      if d.label == "Negative" and max(d.probabilities, key=d.probabilities.get) != "Benign"]
     assert not contradicting, contradicting
@@ -65,6 +66,5 @@ def test_normal_blood_of_another_laboratory_is_never_called_positive(bccd_root):
     fields, _ = ood.bccd(bccd_root)
     payloads = list(fields.values())
     images = np.stack([preprocess(b, clf.input_size) for b in payloads])
-    labels = [d.label for i in range(0, len(images), 64)
-              for d in clf.assess(images[i:i + 64], [jpeg_quality(b) for b in payloads[i:i + 64]])]
+    labels = [d.label for d in assess_all(clf, images, [jpeg_quality(b) for b in payloads])]
     assert len(labels) == len(fields) and "Positive" not in labels, labels.count("Positive")
