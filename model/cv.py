@@ -81,6 +81,11 @@ def cross_validate(root: Path, recipe: str, folds: int = 5, repeats: int = 1, se
     out = out or data.REPO / "runs" / "cv" / (name if epochs is None else f"{name}-{epochs}ep")
     out.mkdir(parents=True, exist_ok=True)
     run = {"recipe": recipe, "head": classes, "epochs_budget": epochs}
+    _, samples = data.load_dataset(root)
+    groups = read_groups(root, samples)
+    partitions = {f"{r}-{k}": (r, k, parts) for r in range(repeats)
+                  for k, parts in enumerate(grouped.cv_indices(samples, groups, folds, seed + r))}
+    identity = {key: (seed + 100 * r + k, [samples[i].path for i in parts["test"]]) for key, (r, k, parts) in partitions.items()}
     for path in sorted(out.glob("*-*.json")):
         done = json.loads(path.read_text())
         binary = done.get("classes", list(data.BINARY_CLASSES)) == list(data.BINARY_CLASSES)  # older folds: binary
@@ -88,21 +93,20 @@ def cross_validate(root: Path, recipe: str, folds: int = 5, repeats: int = 1, se
                  "epochs_budget": done.get("epochs_budget")}
         if found != run:
             raise ValueError(f"{path} holds a fold of {found}, not of {run}: use another --out")
-    _, samples = data.load_dataset(root)
-    groups = read_groups(root, samples)
+        if identity.get(path.stem) != (done.get("seed"), done.get("test_paths")):
+            raise ValueError(f"{path} holds a fold of another partition (fold count, repeat or seed): use another --out")
     images = None
-    for r in range(repeats):
-        for k, parts in enumerate(grouped.cv_indices(samples, groups, folds, seed + r)):
-            path = out / f"{r}-{k}.json"
-            if path.exists() or (only and f"{r}-{k}" not in only):
-                continue
-            if images is None:
-                images = data.load_images(root, samples, INPUT_SIZES[architecture(recipe)])
-            result = run_fold(recipe, images, samples, parts, seed + 100 * r + k, epochs, classes)
-            result.update(repeat=r, fold=k, epochs_budget=epochs)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result) + "\n")
-            tmp.replace(path)
+    for key, (r, k, parts) in partitions.items():
+        path = out / f"{key}.json"
+        if path.exists() or (only and key not in only):
+            continue
+        if images is None:
+            images = data.load_images(root, samples, INPUT_SIZES[architecture(recipe)])
+        result = run_fold(recipe, images, samples, parts, seed + 100 * r + k, epochs, classes)
+        result.update(repeat=r, fold=k, epochs_budget=epochs)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result) + "\n")
+        tmp.replace(path)
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*-*.json"))]
     if not results:
         return {"folds": 0}

@@ -82,3 +82,18 @@ def test_cv_refuses_to_resume_from_folds_of_another_recipe_or_head(data_root, tm
     shutil.copytree(data.REPO / "docs" / "cv" / "cellnet_standardised", resumed)
     summary = cross_validate(data_root, "cellnet_standardised", out=resumed, only={"none"})
     assert summary["folds"] == 5 and summary["head"] == "binary"
+
+
+@pytest.mark.parametrize("kwargs", [{"folds": 4}, {"seed": 7}, {"repeats": 2, "only": {"1-0"}}])
+def test_cv_refuses_to_resume_from_folds_of_another_partition(data_root, tmp_path, kwargs):
+    """A fold file is only this run's if it holds this run's test part and seed: resuming the committed folds
+    with another fold count or seed must stop the run, not summarise them as its own (the last case: the
+    second repeat's fold 0 file holding the first repeat's fold)."""
+    from model.cv import cross_validate
+
+    shutil.copytree(data.REPO / "docs" / "cv" / "cellnet_standardised", tmp_path, dirs_exist_ok=True)
+    if "repeats" in kwargs:
+        shutil.copy(tmp_path / "0-0.json", tmp_path / "1-0.json")
+    kwargs.setdefault("only", {"none"})
+    with pytest.raises(ValueError, match="another partition"):
+        cross_validate(data_root, "cellnet_standardised", out=tmp_path, **kwargs)
