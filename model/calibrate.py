@@ -56,6 +56,18 @@ def outputs(clf: Classifier, images: np.ndarray, batch_size: int = 64) -> tuple[
     return np.concatenate(p), np.concatenate(f)
 
 
+def fit_band(labels: np.ndarray, p_all: np.ndarray, threshold: float, name: str) -> tuple[Calibration, tuple[float, float]]:
+    """Calibration and indeterminate band on validation outputs; a model that cannot meet the band's
+    targets anywhere never decides (and `name` is logged)."""
+    try:
+        calibration = Calibration.fit(p_all, labels)
+        return calibration, choose_band(labels, p_all, (threshold, calibration.inverse(0.5)), BAND_SENSITIVITY,
+                                        BAND_SPECIFICITY)
+    except ValueError as exc:
+        log.warning("%s: %s; every answer will be borderline", name, exc)
+        return Calibration(), NEVER_DECIDE
+
+
 def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
     """Fit and store the decision policy of every artifact kind; returns the card's `decision` section."""
     card_path = out_dir / CARD_NAME
@@ -91,12 +103,7 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
         answered = passed_quality & (scores <= ood_threshold)
         y, p = labels["val"][answered], p_val[answered]
         threshold = choose_threshold(y, p, MIN_SENSITIVITY)
-        try:
-            calibration = Calibration.fit(p, y)
-            band = choose_band(y, p, (threshold, calibration.inverse(0.5)), BAND_SENSITIVITY, BAND_SPECIFICITY)
-        except ValueError as exc:  # the model cannot meet the targets anywhere: it never decides
-            log.warning("%s %s: %s; every answer will be borderline", card["name"], kind, exc)
-            calibration, band = Calibration(), NEVER_DECIDE
+        calibration, band = fit_band(y, p, threshold, f"{card['name']} {kind}")
         densities[kind] = density
         section[kind] = {"threshold": threshold, "band": list(band), "temperature": calibration.temperature,
                          "bias": calibration.bias, "ood_threshold": ood_threshold}

@@ -5,8 +5,10 @@ blocks). In each fold the network is trained from scratch at the recipe's full b
 train part, its operating threshold is chosen on the fold's validation part (sensitivity >= 0.98),
 and the fold's test part is scored under every variant of the stain protocol. With `--classes subtype`
 the network has the 4-class head; the screen is scored on P(ALL) = 1 - P(Benign) as for the binary
-head, and each fold adds the subtypes' recalls and confusion matrix. Each finished fold is written to
-`<out>/<repeat>-<fold>.json` and skipped when the command runs again.
+head, and each fold adds the subtypes' recalls and confusion matrix. Each fold also fits the served
+indeterminate band on its validation part and scores it on its test part (`served_band`: the band without
+the input gate) and keeps its validation P(ALL), so other operating rules can be scored later. Each
+finished fold is written to `<out>/<repeat>-<fold>.json` and skipped when the command runs again.
 
     python -m model cv --arch cellnet --folds 5 --repeats 2      # -> runs/cv/cellnet/
 """
@@ -45,21 +47,45 @@ def run_fold(recipe: str, images: np.ndarray, samples: list[data.Sample], parts:
     y, names = targets(samples, classes), class_names(classes)
     tr, va, te = parts["train"], parts["val"], parts["test"]
     model, history = fit(recipe, images[tr], y[tr], images[va], y[va], len(names), seed, epochs)
-    threshold = choose_threshold(labels[va], p_all(model, images[va]), MIN_SENSITIVITY)
+    p_val = p_all(model, images[va])
+    threshold = choose_threshold(labels[va], p_val, MIN_SENSITIVITY)
     by_variant = protocol.variant_p_all(lambda x: p_all(model, x), images[te])
     result = {"recipe": recipe, "classes": names, "seed": seed, "threshold": threshold,
               "epochs_run": len(history["loss"]), "best_val_auc": max(history["val_auc"]),
               "sizes": {k: len(v) for k, v in parts.items()},
               "benign": {k: int((labels[v] == 0).sum()) for k, v in parts.items()},
               "test_paths": [samples[i].path for i in te], "p_all_colour": by_variant["colour"][0].round(6).tolist(),
+              "p_all_val": p_val.round(6).tolist(),
               "protocol": protocol.summarise(labels[te], subtypes[te], by_variant, threshold)}
+    benign_on_top = None
     if classes == "subtype":
-        result["subtype"] = subtype_scores(names, subtypes[te].tolist(), class_probabilities(model, images[te]))
+        probabilities = class_probabilities(model, images[te])
+        result["subtype"] = subtype_scores(names, subtypes[te].tolist(), probabilities)
+        benign_on_top = probabilities.argmax(1) == 0
+    result["band"] = served_band(labels[va], p_val, labels[te], by_variant["colour"][0], threshold, benign_on_top)
     return result
 
 
+def served_band(val_labels: np.ndarray, p_val: np.ndarray, test_labels: np.ndarray, p_test: np.ndarray,
+                threshold: float, benign_on_top: np.ndarray | None = None) -> dict:
+    """The served indeterminate band fitted on a fold's validation part as `model.calibrate` fits it, scored
+    on its test part in colour: how many are borderline and the figures of the answered. The input gate is
+    left out (it needs an exported artifact's features), so this estimates the band, not the whole policy."""
+    from model.calibrate import fit_band
+    from model.metrics import binary_metrics
+
+    _, (low, high) = fit_band(val_labels, p_val, threshold, "CV fold")
+    borderline = (p_test >= low) & (p_test < high)
+    if benign_on_top is not None:  # a Negative whose top class is a leukaemia subtype is borderline when served
+        borderline |= (p_test < low) & ~benign_on_top
+    answered = ~borderline
+    return {"band": [low, high], "borderline": int(borderline.sum()), "n": len(p_test),
+            "answered": binary_metrics(test_labels[answered], p_test[answered] >= high) if answered.any() else None}
+
+
 def summary(results: list[dict]) -> dict:
-    """Mean and sd over folds of each seed-0 metric per variant (and of the per-fold min over seeds)."""
+    """Mean and sd over folds of each seed-0 metric per variant (and of the per-fold min over seeds), and of the
+    served band's figures over the folds that estimated it."""
     out = {"folds": len(results)}
     for variant in results[0]["protocol"]:
         entries = [r["protocol"][variant] for r in results]
@@ -68,6 +94,13 @@ def summary(results: list[dict]) -> dict:
         out[variant]["balanced_accuracy_min_over_seeds"] = {
             "mean": float(np.mean([e["seeds"]["balanced_accuracy"]["min"] for e in entries])),
             "sd": float(np.std([e["seeds"]["balanced_accuracy"]["min"] for e in entries]))}
+    bands = [r["band"] for r in results if "band" in r]  # folds run before the band was estimated have none
+    if bands:
+        figures = {"borderline_share": [b["borderline"] / b["n"] for b in bands],
+                   **{k: [b["answered"][k] if b["answered"] else float("nan") for b in bands]
+                      for k in ("sensitivity", "specificity")}}
+        out["served_band"] = {"folds": len(bands), **{k: {"mean": float(np.mean(v)), "sd": float(np.std(v))}
+                                                      for k, v in figures.items()}}
     return out
 
 

@@ -81,3 +81,37 @@ def test_cv_folds_are_grouped_and_cover_everything(committed):
         parts = [set(groups[f[k]]) for k in ("train", "val", "test")]
         assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
         assert sum(len(f[k]) for k in f) == len(samples)
+
+
+def test_a_folds_served_band_is_scored_on_what_it_answers():
+    """The CV's band estimate: fitted on validation outputs, it refuses the test images inside it (and, for a
+    4-class head, the Negatives whose top class is a leukaemia subtype) and scores only the rest."""
+    from model.cv import served_band
+
+    rng = np.random.default_rng(0)
+    val_labels = np.repeat([0, 1], [200, 800])
+    p_val = np.clip(np.where(val_labels == 1, rng.normal(0.9, 0.1, 1000), rng.normal(0.1, 0.1, 1000)), 1e-4, 1 - 1e-4)
+    test_labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    p_test = np.array([0.01, 0.02, 0.99, 0.47, 0.97, 0.98, 0.03])
+    result = served_band(val_labels, p_val, test_labels, p_test, threshold=0.5)
+    low, high = result["band"]
+    assert 0.02 < low <= 0.5 <= high < 0.97  # what this synthetic validation gives: a band around the middle
+    assert result["borderline"] == 1 and result["n"] == 7  # 0.47
+    answered = result["answered"]
+    assert (answered["tp"], answered["fn"], answered["tn"], answered["fp"]) == (2, 1, 2, 1)
+    on_top = np.array([True, False, True, True, True, True, True])  # the second Negative: a subtype leads
+    assert served_band(val_labels, p_val, test_labels, p_test, 0.5, on_top)["borderline"] == 2
+
+
+def test_the_cv_summary_averages_the_band_over_the_folds_that_estimated_it():
+    from model.cv import summary
+
+    def band(borderline, tp, fn, tn, fp):
+        return {"n": 100, "borderline": borderline, "answered": {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp)}}
+
+    folds = [{"protocol": {}}, {"protocol": {}, "band": band(10, 70, 0, 18, 2)}, {"protocol": {}, "band": band(20, 59, 1, 20, 0)}]
+    out = summary(folds)["served_band"]
+    assert out["folds"] == 2
+    assert out["borderline_share"]["mean"] == pytest.approx(0.15)
+    assert out["sensitivity"]["mean"] == pytest.approx((1 + 59 / 60) / 2)
+    assert out["specificity"]["mean"] == pytest.approx(0.95)

@@ -42,7 +42,9 @@ def test_one_epoch_on_real_images_exports_loadable_artifacts(data_root, tmp_path
 
 
 def test_a_cv_fold_trains_and_scores_the_subtype_head(data_root):
-    """One short grouped-CV fold with the 4-class head: the screen is scored on P(ALL), the subtypes per class."""
+    """One short grouped-CV fold with the 4-class head: the screen is scored on P(ALL), the subtypes per class;
+    the served band is fitted on the fold's validation part (as `model.calibrate` does) and scored on its test
+    part."""
     from model import grouped
     from model.cv import read_groups, run_fold
 
@@ -60,6 +62,11 @@ def test_a_cv_fold_trains_and_scores_the_subtype_head(data_root):
     assert len(result["p_all_colour"]) == sizes[2]  # the P(ALL) kept per test image is the one scored
     assert result["protocol"]["colour"]["seed0"]["roc_auc"] == pytest.approx(roc_auc_score(labels, result["p_all_colour"]),
                                                                            abs=1e-4)
+    p_test, p_val = np.array(result["p_all_colour"]), np.array(result["p_all_val"])
+    assert len(p_val) == sizes[1]  # kept, so any other operating rule can be scored on the fold later
+    low, high = result["band"]["band"]
+    assert low <= result["threshold"] <= high
+    assert result["band"]["n"] == sizes[2] and result["band"]["borderline"] >= int(((p_test >= low) & (p_test < high)).sum())
     subtype = result["subtype"]
     assert set(subtype["per_class"]) == {"Benign", "Early", "Pre", "Pro"}
     matrix = np.array(subtype["confusion"])
