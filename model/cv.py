@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from model import data, grouped, protocol
+from model.calibration import wilson
 
 KEYS = protocol.SUMMARY_KEYS
 
@@ -57,35 +58,36 @@ def run_fold(recipe: str, images: np.ndarray, samples: list[data.Sample], parts:
               "test_paths": [samples[i].path for i in te], "p_all_colour": by_variant["colour"][0].round(6).tolist(),
               "p_all_val": p_val.round(6).tolist(),
               "protocol": protocol.summarise(labels[te], subtypes[te], by_variant, threshold)}
-    benign_on_top = None
+    probabilities = class_probabilities(model, images[te])
     if classes == "subtype":
-        probabilities = class_probabilities(model, images[te])
         result["subtype"] = subtype_scores(names, subtypes[te].tolist(), probabilities)
-        benign_on_top = probabilities.argmax(1) == 0
-    result["band"] = served_band(labels[va], p_val, labels[te], by_variant["colour"][0], threshold, benign_on_top)
+    benign_on_top = probabilities.argmax(1) == names.index("Benign")
+    result["served_band"] = served_band(labels[va], p_val, labels[te], by_variant["colour"][0], threshold, benign_on_top,
+                                        f"{recipe} fold seed {seed}")
     return result
 
 
 def served_band(val_labels: np.ndarray, p_val: np.ndarray, test_labels: np.ndarray, p_test: np.ndarray,
-                threshold: float, benign_on_top: np.ndarray | None = None) -> dict:
-    """The served indeterminate band fitted on a fold's validation part as `model.calibrate` fits it, scored
-    on its test part in colour: how many are borderline and the figures of the answered. The input gate is
-    left out (it needs an exported artifact's features), so this estimates the band, not the whole policy."""
+                threshold: float, benign_on_top: np.ndarray | None = None, name: str = "CV fold") -> dict:
+    """The served indeterminate band fitted on a fold's validation part, scored on its test part in colour:
+    how many are borderline, and the confusion counts of the answered. As `model.calibrate` fits it, except
+    that the input gate is left out (it needs an exported artifact's features) and the outputs are the
+    float Keras model's, not the int8 artifact's; so this estimates the band, not the whole policy."""
     from model.calibrate import fit_band
     from model.metrics import binary_metrics
 
-    _, (low, high) = fit_band(val_labels, p_val, threshold, "CV fold")
+    _, (low, high) = fit_band(val_labels, p_val, threshold, name)
     borderline = (p_test >= low) & (p_test < high)
-    if benign_on_top is not None:  # a Negative whose top class is a leukaemia subtype is borderline when served
+    if benign_on_top is not None:  # served, a Negative whose top class is a leukaemia class is borderline
         borderline |= (p_test < low) & ~benign_on_top
     answered = ~borderline
-    return {"band": [low, high], "borderline": int(borderline.sum()), "n": len(p_test),
+    return {"limits": [low, high], "borderline": int(borderline.sum()), "n": len(p_test),
             "answered": binary_metrics(test_labels[answered], p_test[answered] >= high) if answered.any() else None}
 
 
 def summary(results: list[dict]) -> dict:
-    """Mean and sd over folds of each seed-0 metric per variant (and of the per-fold min over seeds), and of the
-    served band's figures over the folds that estimated it."""
+    """Mean and sd over folds of each seed-0 metric per variant (and of the per-fold min over seeds), and the
+    served band's figures pooled over the folds that estimated it."""
     out = {"folds": len(results)}
     for variant in results[0]["protocol"]:
         entries = [r["protocol"][variant] for r in results]
@@ -94,13 +96,16 @@ def summary(results: list[dict]) -> dict:
         out[variant]["balanced_accuracy_min_over_seeds"] = {
             "mean": float(np.mean([e["seeds"]["balanced_accuracy"]["min"] for e in entries])),
             "sd": float(np.std([e["seeds"]["balanced_accuracy"]["min"] for e in entries]))}
-    bands = [r["band"] for r in results if "band" in r]  # folds run before the band was estimated have none
-    if bands:
-        figures = {"borderline_share": [b["borderline"] / b["n"] for b in bands],
-                   **{k: [b["answered"][k] if b["answered"] else float("nan") for b in bands]
-                      for k in ("sensitivity", "specificity")}}
-        out["served_band"] = {"folds": len(bands), **{k: {"mean": float(np.mean(v)), "sd": float(np.std(v))}
-                                                      for k, v in figures.items()}}
+    bands = {f"{r['repeat']}-{r['fold']}": r["served_band"] for r in results if "served_band" in r}
+    if bands:  # folds run before the band was estimated have none; counts pooled over those that have it
+        counts = {k: sum((b["answered"] or {}).get(k, 0) for b in bands.values()) for k in ("tp", "fn", "tn", "fp")}
+        n, borderline = sum(b["n"] for b in bands.values()), sum(b["borderline"] for b in bands.values())
+        out["served_band"] = {"folds": sorted(bands), "n": n, "borderline": borderline, **counts,
+                              "borderline_share": borderline / n,
+                              "sensitivity": counts["tp"] / max(counts["tp"] + counts["fn"], 1),
+                              "sensitivity_ci95": list(wilson(counts["tp"], counts["tp"] + counts["fn"])),
+                              "specificity": counts["tn"] / max(counts["tn"] + counts["fp"], 1),
+                              "specificity_ci95": list(wilson(counts["tn"], counts["tn"] + counts["fp"]))}
     return out
 
 
@@ -116,30 +121,33 @@ def cross_validate(root: Path, recipe: str, folds: int = 5, repeats: int = 1, se
     run = {"recipe": recipe, "head": classes, "epochs_budget": epochs}
     _, samples = data.load_dataset(root)
     groups = read_groups(root, samples)
-    partitions = {f"{r}-{k}": (r, k, parts) for r in range(repeats)
-                  for k, parts in enumerate(grouped.cv_indices(samples, groups, folds, seed + r))}
-    identity = {key: (seed + 100 * r + k, [samples[i].path for i in parts["test"]]) for key, (r, k, parts) in partitions.items()}
-    for path in sorted(out.glob("*-*.json")):
-        done = json.loads(path.read_text())
+    done_folds = {path: json.loads(path.read_text()) for path in sorted(out.glob("*-*.json"))}
+    done_repeats = {int(path.stem.split("-")[0]) for path in done_folds}
+    partitions = {r: grouped.cv_indices(samples, groups, folds, seed + r) for r in sorted(set(range(repeats)) | done_repeats)}
+    for path, done in done_folds.items():
         binary = done.get("classes", list(data.BINARY_CLASSES)) == list(data.BINARY_CLASSES)  # older folds: binary
         found = {"recipe": done.get("recipe"), "head": "binary" if binary else "subtype",
                  "epochs_budget": done.get("epochs_budget")}
         if found != run:
             raise ValueError(f"{path} holds a fold of {found}, not of {run}: use another --out")
-        if identity.get(path.stem) != (done.get("seed"), done.get("test_paths")):
-            raise ValueError(f"{path} holds a fold of another partition (fold count, repeat or seed): use another --out")
+        r, k = (int(n) for n in path.stem.split("-"))
+        if k >= folds or (done.get("seed"), done.get("test_paths")) != (seed + 100 * r + k,
+                                                                      [samples[i].path for i in partitions[r][k]["test"]]):
+            raise ValueError(f"{path} holds a fold of another partition (fold count, seed, groups or data): "
+                             f"use another --out")
     images = None
-    for key, (r, k, parts) in partitions.items():
-        path = out / f"{key}.json"
-        if path.exists() or (only and key not in only):
-            continue
-        if images is None:
-            images = data.load_images(root, samples, INPUT_SIZES[architecture(recipe)])
-        result = run_fold(recipe, images, samples, parts, seed + 100 * r + k, epochs, classes)
-        result.update(repeat=r, fold=k, epochs_budget=epochs)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result) + "\n")
-        tmp.replace(path)
+    for r in range(repeats):
+        for k, parts in enumerate(partitions[r]):
+            path = out / f"{r}-{k}.json"
+            if path.exists() or (only and f"{r}-{k}" not in only):
+                continue
+            if images is None:
+                images = data.load_images(root, samples, INPUT_SIZES[architecture(recipe)])
+            result = run_fold(recipe, images, samples, parts, seed + 100 * r + k, epochs, classes)
+            result.update(repeat=r, fold=k, epochs_budget=epochs)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result) + "\n")
+            tmp.replace(path)
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*-*.json"))]
     if not results:
         return {"folds": 0}
@@ -152,8 +160,8 @@ def trial(root: Path, recipe: str, epochs: int | None, seed: int = 42, out: Path
           classes: str = "binary") -> dict:
     """A recipe trial on the committed grouped split: train on train, score on validation (never test).
 
-    The threshold is chosen on the same validation images it is scored on, so balanced accuracies
-    are optimistic alike for every recipe; compare AUCs first.
+    The threshold and band are chosen on the same validation images they are scored on, so balanced
+    accuracies and the band's figures are optimistic alike for every recipe; compare AUCs first.
     """
     from model.networks import INPUT_SIZES
     from model.train import architecture, run_name

@@ -94,7 +94,7 @@ def test_a_folds_served_band_is_scored_on_what_it_answers():
     test_labels = np.array([0, 0, 0, 1, 1, 1, 1])
     p_test = np.array([0.01, 0.02, 0.99, 0.47, 0.97, 0.98, 0.03])
     result = served_band(val_labels, p_val, test_labels, p_test, threshold=0.5)
-    low, high = result["band"]
+    low, high = result["limits"]
     assert 0.02 < low <= 0.5 <= high < 0.97  # what this synthetic validation gives: a band around the middle
     assert result["borderline"] == 1 and result["n"] == 7  # 0.47
     answered = result["answered"]
@@ -103,15 +103,18 @@ def test_a_folds_served_band_is_scored_on_what_it_answers():
     assert served_band(val_labels, p_val, test_labels, p_test, 0.5, on_top)["borderline"] == 2
 
 
-def test_the_cv_summary_averages_the_band_over_the_folds_that_estimated_it():
+def test_the_cv_summary_pools_the_band_over_the_folds_that_estimated_it():
+    """Counts are pooled (a fold whose band answers nothing adds only borderline images, not NaN)."""
     from model.cv import summary
 
-    def band(borderline, tp, fn, tn, fp):
-        return {"n": 100, "borderline": borderline, "answered": {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp)}}
+    def fold(k, borderline, tp=0, fn=0, tn=0, fp=0):
+        answered = {"tp": tp, "fn": fn, "tn": tn, "fp": fp} if borderline < 100 else None
+        return {"repeat": 0, "fold": k, "protocol": {}, "served_band": {"n": 100, "borderline": borderline,
+                                                                      "answered": answered}}
 
-    folds = [{"protocol": {}}, {"protocol": {}, "band": band(10, 70, 0, 18, 2)}, {"protocol": {}, "band": band(20, 59, 1, 20, 0)}]
-    out = summary(folds)["served_band"]
-    assert out["folds"] == 2
-    assert out["borderline_share"]["mean"] == pytest.approx(0.15)
-    assert out["sensitivity"]["mean"] == pytest.approx((1 + 59 / 60) / 2)
-    assert out["specificity"]["mean"] == pytest.approx(0.95)
+    out = summary([{"repeat": 0, "fold": 0, "protocol": {}}, fold(1, 10, 70, 0, 18, 2), fold(2, 20, 59, 1, 20, 0),
+                   fold(3, 100)])["served_band"]
+    assert out["folds"] == ["0-1", "0-2", "0-3"] and out["n"] == 300
+    assert out["borderline_share"] == pytest.approx(130 / 300)
+    assert out["sensitivity"] == pytest.approx(129 / 130) and out["specificity"] == pytest.approx(38 / 40)
+    assert out["sensitivity_ci95"][0] < 129 / 130 < out["sensitivity_ci95"][1]

@@ -64,9 +64,12 @@ def test_a_cv_fold_trains_and_scores_the_subtype_head(data_root):
                                                                            abs=1e-4)
     p_test, p_val = np.array(result["p_all_colour"]), np.array(result["p_all_val"])
     assert len(p_val) == sizes[1]  # kept, so any other operating rule can be scored on the fold later
-    low, high = result["band"]["band"]
+    band = result["served_band"]
+    low, high = band["limits"]
     assert low <= result["threshold"] <= high
-    assert result["band"]["n"] == sizes[2] and result["band"]["borderline"] >= int(((p_test >= low) & (p_test < high)).sum())
+    assert band["n"] == sizes[2] and band["borderline"] >= int(((p_test >= low) & (p_test < high)).sum())
+    assert (band["answered"] is None) == (band["borderline"] == band["n"])
+    assert band["answered"] is None or band["answered"]["n"] == band["n"] - band["borderline"]
     subtype = result["subtype"]
     assert set(subtype["per_class"]) == {"Benign", "Early", "Pre", "Pro"}
     matrix = np.array(subtype["confusion"])
@@ -87,8 +90,23 @@ def test_cv_refuses_to_resume_from_folds_of_another_recipe_or_head(data_root, tm
         cross_validate(data_root, "cellnet", out=tmp_path)
     resumed = tmp_path / "resumed"  # the binary CV's committed folds (written before folds named their classes)
     shutil.copytree(data.REPO / "docs" / "cv" / "cellnet_standardised", resumed)
-    summary = cross_validate(data_root, "cellnet_standardised", out=resumed, only={"none"})
-    assert summary["folds"] == 5 and summary["head"] == "binary"
+    summary = cross_validate(data_root, "cellnet_standardised", repeats=2, out=resumed, only={"none"})
+    assert summary["folds"] == len(list(resumed.glob("*-*.json"))) >= 5 and summary["head"] == "binary"
+
+
+def test_cv_resumes_a_folder_holding_more_repeats_than_asked(data_root, tmp_path):
+    """A second repeat's fold (its own partition and seed) does not stop a run asked for one repeat."""
+    from model import grouped
+    from model.cv import cross_validate, read_groups
+
+    shutil.copytree(data.REPO / "docs" / "cv" / "cellnet_standardised", tmp_path, dirs_exist_ok=True)
+    _, samples = data.load_dataset(data_root)
+    second = json.loads((tmp_path / "0-0.json").read_text())
+    test = grouped.cv_indices(samples, read_groups(data_root, samples), 5, 42 + 1)[0]["test"]
+    second.update(repeat=1, seed=142, test_paths=[samples[i].path for i in test])
+    (tmp_path / "1-0.json").write_text(json.dumps(second) + "\n")
+    assert cross_validate(data_root, "cellnet_standardised", out=tmp_path, only={"none"})["folds"] == len(
+        list(tmp_path.glob("*-*.json")))
 
 
 @pytest.mark.parametrize("kwargs", [{"folds": 4}, {"seed": 7}, {"repeats": 2, "only": {"1-0"}}])
