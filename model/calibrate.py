@@ -7,7 +7,9 @@ On the artifacts' own outputs (int8 and float32 separately; `.keras` uses float3
   extreme TRAINING or validation image (none of them refused: a validation split of whole capture
   blocks can miss a capture mode that training has); the focus floor is the softest validation image;
 * on the VALIDATION split: the out-of-distribution threshold (gate refuses at most 0.5 % of validation
-  images in all), then on the images the gate passes: calibration (temperature and bias), the operating threshold (sensitivity
+  images in all); the joint limit on colour x feature distance (`model.gate.joint_score`) 25 % beyond
+  the validation image it passes with the highest product, never short of the highest training one;
+  then on the images the gate passes: calibration (temperature and bias), the operating threshold (sensitivity
   >= 0.98) and the indeterminate band (decisions outside it reach sensitivity >= 0.995 and
   specificity >= 0.99, and it contains both the threshold and calibrated probability 0.5, so a
   decision's confidence is never below 0.5).
@@ -31,8 +33,10 @@ from model.gate import (
     FeatureDensity,
     fit_quality_thresholds,
     image_statistics,
+    joint_score,
     quality_reasons,
     save_densities,
+    upper_limit,
 )
 
 MAX_GATE_REFUSAL = 0.005  # the issue allows 1 %; half leaves room for the band within 3 % in all
@@ -101,12 +105,18 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
         candidates = np.sort(scores[passed_quality])[::-1]
         ood_threshold = float(candidates[max(ood_budget, 0)]) if len(candidates) > max(ood_budget, 0) else float("inf")
         answered = passed_quality & (scores <= ood_threshold)
+        train_passed = np.array([r is None for r in quality_reasons(train_stats, quality)])
+        train_scores = density.score(f_train)
+        train_answered = train_passed & (train_scores <= ood_threshold)
+        joint_threshold = upper_limit(
+            joint_score(train_stats["colour"], train_scores, quality["colour_above"], ood_threshold)[train_answered],
+            joint_score(val_stats["colour"], scores, quality["colour_above"], ood_threshold)[answered])
         y, p = labels["val"][answered], p_val[answered]
         threshold = choose_threshold(y, p, MIN_SENSITIVITY)
         calibration, band = fit_band(y, p, threshold, f"{card['name']} {kind}")
         densities[kind] = density
         section[kind] = {"threshold": threshold, "band": list(band), "temperature": calibration.temperature,
-                         "bias": calibration.bias, "ood_threshold": ood_threshold}
+                         "bias": calibration.bias, "ood_threshold": ood_threshold, "joint_threshold": joint_threshold}
         in_band = (p >= band[0]) & (p < band[1])
         fit_report[kind] = {"validation_images": n_val, "refused_quality": int((~passed_quality).sum()),
                             "refused_unfamiliar": int((passed_quality & ~answered).sum()),
@@ -119,7 +129,8 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
                         f"of the most extreme training or validation image (the focus floor: the softest validation "
                         f"image); "
                         f"out-of-distribution score on the validation split (at most {MAX_GATE_REFUSAL:.1%} refused "
-                        f"in all); on the validation images it passes: "
+                        f"in all); joint colour x feature limit {MARGIN - 1:.0%} beyond the validation images and "
+                        f"never short of the training images it passes; on the validation images it passes: "
                         f"temperature and bias by maximum likelihood, threshold = highest P(ALL) with sensitivity "
                         f">= {MIN_SENSITIVITY}, band = narrowest containing the threshold and calibrated 0.5 "
                         f"outside which sensitivity >= {BAND_SENSITIVITY} and specificity >= {BAND_SPECIFICITY}")

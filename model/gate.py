@@ -100,9 +100,21 @@ def fit_quality_thresholds(train: dict[str, np.ndarray], validation: dict[str, n
         elif side == "below":
             value = float(min(values.min(), reference.min() / MARGIN))
         else:
-            value = float(max(values.max(), reference.max() * MARGIN))
+            value = upper_limit(train[stat], reference)
         thresholds[f"{stat}_{side}"] = value
     return thresholds
+
+
+def upper_limit(train: np.ndarray, validation: np.ndarray) -> float:
+    """`MARGIN` beyond the highest validation value, or the highest value learnt from, whichever refuses less."""
+    return float(max(train.max(initial=0.0), validation.max() * MARGIN))
+
+
+def joint_score(colour: np.ndarray, ood: np.ndarray, colour_limit: float, ood_limit: float) -> np.ndarray:
+    """Colour distance and feature-density score, each over its own limit, multiplied. Another laboratory's
+    smear sits near both limits; a smear of this data set comes near one of them at most (BCCD fields passed
+    by both limits: products 0.5-1.0; held-out smears: at most 0.5)."""
+    return (colour / colour_limit) * (ood / ood_limit)
 
 
 def quality_reasons(stats: dict[str, np.ndarray], thresholds: dict[str, float]) -> list[str | None]:

@@ -7,7 +7,8 @@ Card layout (written by `python -m model calibrate`):
       "quality": {"contrast_below": ..., ...},        # image-quality thresholds (shared by all kinds)
       "min_jpeg_quality": 20,                           # for callers that pass the payload's JPEG quality
       "gate_file": {"file": "<name>_gate.npz", "sha256": "..."},   # feature and colour densities
-      "int8": {"threshold": t, "band": [low, high], "temperature": T, "bias": b, "ood_threshold": s},
+      "int8": {"threshold": t, "band": [low, high], "temperature": T, "bias": b, "ood_threshold": s,
+               "joint_threshold": j},                 # colour x feature distance (`model.gate.joint_score`)
       "float32": {...}                                  # the `.keras` artifact uses these too
     }
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from model.calibration import Calibration
-from model.gate import FeatureDensity, image_statistics, load_density, quality_reasons
+from model.gate import FeatureDensity, image_statistics, joint_score, load_density, quality_reasons
 
 # Every reason an Indeterminate answer can carry (docs/protocol.md).
 REASONS = ("underexposed", "overexposed", "low_contrast", "out_of_focus", "heavily_compressed", "not_a_blood_smear",
@@ -52,6 +53,7 @@ class DecisionPolicy:
     density: FeatureDensity | None = None
     colour_density: FeatureDensity | None = None
     ood_threshold: float = float("inf")
+    joint_threshold: float = float("inf")  # cards fitted before the joint rule have none
 
     @classmethod
     def from_card(cls, card: dict, kind: str, folder: Path) -> DecisionPolicy:
@@ -70,7 +72,8 @@ class DecisionPolicy:
                    float(entry["band"][1])), calibration=Calibration(float(entry["temperature"]), float(entry["bias"])),
                    quality=dict(section["quality"]), min_jpeg_quality=int(section["min_jpeg_quality"]),
                    density=load_density(gate_file, "float32" if kind == "keras" else kind),
-                   colour_density=load_density(gate_file, "colour"), ood_threshold=float(entry["ood_threshold"]))
+                   colour_density=load_density(gate_file, "colour"), ood_threshold=float(entry["ood_threshold"]),
+                   joint_threshold=float(entry.get("joint_threshold", "inf")))
 
     def quality_statistics(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """`model.gate.image_statistics` plus `colour`, the distance to the training smears' colour."""
@@ -81,15 +84,17 @@ class DecisionPolicy:
     def gate(self, batch: np.ndarray, features: np.ndarray | None,
              jpeg_quality: Sequence[int | None] | None = None) -> tuple[list[str | None], np.ndarray | None]:
         """Gate reason (or None) and out-of-distribution score per image."""
-        reasons = quality_reasons(self.quality_statistics(batch), self.quality)
+        stats = self.quality_statistics(batch)
+        reasons = quality_reasons(stats, self.quality)
         if jpeg_quality is not None:  # a fact of the payload: it names the reason before the tensor's symptoms
             reasons = [("heavily_compressed" if q is not None and q < self.min_jpeg_quality else r)
                        for r, q in zip(reasons, jpeg_quality, strict=True)]
         scores = None
         if self.density is not None and features is not None:
             scores = self.density.score(features)
-            reasons = [r or ("unfamiliar_image" if s > self.ood_threshold else None) for r, s in zip(reasons, scores,
-                                                                                                      strict=True)]
+            joint = joint_score(stats["colour"], scores, self.quality["colour_above"], self.ood_threshold)
+            reasons = [r or ("unfamiliar_image" if s > self.ood_threshold or j > self.joint_threshold else None)
+                       for r, s, j in zip(reasons, scores, joint, strict=True)]
         return reasons, scores
 
     def decide(self, batch: np.ndarray, p_all: np.ndarray, features: np.ndarray | None,

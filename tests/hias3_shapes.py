@@ -31,7 +31,7 @@ LIFE_FIELDS = ("CPU", "Memory", "Diskspace", "Temperature", "Latitude", "Longitu
 CLASSIFICATION_DIAGNOSIS = {"Model": "cellnet_standardised", "Type": "Diagnosis", "Value": "Positive",
                             "Message": "Acute Lymphoblastic Leukemia detected"}
 CLASSIFICATION_STATE = {"Model": "cellnet_standardised", "State": "active",
-                        "Message": "cellnet_standardised 2026-12-01.5 active"}
+                        "Message": "cellnet_standardised 2026-12-01.6 active"}
 # The `models` attribute the IoT agent reads from the agent's HIASCDI entity (agent.py lines 472-498).
 HIASCDI_MODELS = [{"model": "cellnet_standardised", "context": {"states": {"value": ["received", "verified", "active", "failed",
                                                                          "rolled_back"]},

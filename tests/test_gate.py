@@ -70,3 +70,28 @@ def test_a_negative_never_contradicts_the_most_probable_class():
                       ("Indeterminate", "borderline"), ("Positive", None)]
     assert unchanged == ["Negative", "Negative", "Negative", "Indeterminate", "Positive"]
     assert binary == ["Positive", "Positive", "Indeterminate", "Positive", "Positive"]  # band below 0.5: no-op
+
+
+def test_an_image_unusual_in_colour_and_features_together_is_unfamiliar():
+    """The joint rule without data: another laboratory's smear sits near both the colour limit and the
+    feature-density limit, where the held-out smears reach only one of them. An image is `unfamiliar_image`
+    when the product of its two distances, each over its own limit, passes the joint limit; a card without one
+    (fitted before the rule) keeps the two limits alone."""
+    from unittest import mock
+
+    from model.policy import DecisionPolicy
+
+    thresholds = fit_quality_thresholds(*(_statistics(np.random.default_rng(s), 100, (0.07, 0.9)) for s in (2, 3)))
+    colour_limit, ood_limit = thresholds["colour_above"], 2.0
+    ratios = np.array([(0.5, 0.5), (0.85, 0.85), (0.95, 0.2), (0.2, 0.95), (0.5, 1.1)])  # (colour, features) / limit
+    smear = {"brightness": 0.7, "contrast": 0.1, "focus": 0.5, "clipped": 0.0, "saturation": 0.15}
+    stats = {**{k: np.full(len(ratios), v, np.float32) for k, v in smear.items()}, "colour": ratios[:, 0] * colour_limit}
+    density = mock.Mock(score=mock.Mock(return_value=ratios[:, 1] * ood_limit))
+    batch, features = np.zeros((len(ratios), 8, 8, 3), np.float32), np.zeros((len(ratios), 4), np.float32)
+    with mock.patch.object(DecisionPolicy, "quality_statistics", return_value=stats):
+        joint = DecisionPolicy(calibrated=True, quality=thresholds, density=density, ood_threshold=ood_limit,
+                               joint_threshold=0.6).gate(batch, features)[0]
+        older = DecisionPolicy(calibrated=True, quality=thresholds, density=density, ood_threshold=ood_limit).gate(
+            batch, features)[0]
+    assert joint == [None, "unfamiliar_image", None, None, "unfamiliar_image"]
+    assert older == [None, None, None, None, "unfamiliar_image"]

@@ -18,6 +18,7 @@ FOLDER = DEFAULT_ARTIFACT.parent.parent / "cellnet_standardised_subtype"
 # Early pre-B 0.967 (145/150). The floors leave about five images per class.
 FLOOR = 0.93
 RECALL_FLOORS = {"Benign": 0.88, "Early": 0.93}
+MAX_BCCD_FIELDS_ANSWERED = 30  # measured 27 of 364 (96 before the joint rule)
 
 
 def test_subtype_head_is_trained_the_way_the_default_is():
@@ -58,9 +59,9 @@ def test_no_negative_answer_has_a_leukaemia_class_on_top(data_root):
     assert sum(d.label == "Negative" for d in diagnoses) >= 75  # still answers Negative (measured 83: 78 benign, 5 ALL)
 
 
-def test_normal_blood_of_another_laboratory_is_never_called_positive(bccd_root):
+def test_normal_blood_of_another_laboratory_is_never_called_positive_and_mostly_refused(bccd_root):
     """Unlike the default, this head answers some BCCD fields (normal blood, another stain and camera):
-    measured 96 of 364, all Negative. None may be Positive."""
+    96 of 364, all Negative, before the gate's joint colour-and-feature rule; 27 after. None may be Positive."""
     card = read_card(FOLDER)
     clf = Classifier.load(FOLDER / card["artifacts"]["int8"]["file"])
     fields, _ = ood.bccd(bccd_root)
@@ -68,3 +69,5 @@ def test_normal_blood_of_another_laboratory_is_never_called_positive(bccd_root):
     images = np.stack([preprocess(b, clf.input_size) for b in payloads])
     labels = [d.label for d in assess_all(clf, images, [jpeg_quality(b) for b in payloads])]
     assert len(labels) == len(fields) and "Positive" not in labels, labels.count("Positive")
+    answered = len(labels) - labels.count("Indeterminate")
+    assert answered <= MAX_BCCD_FIELDS_ANSWERED, f"{answered} of {len(labels)} BCCD fields answered"

@@ -27,7 +27,7 @@ SHIPPED = sorted(p.name for p in ARTIFACTS.iterdir() if (p / CARD_NAME).is_file(
 # (15/489) was `cellnet` on the per-image split, whose test images share fields with its training images;
 # the `cellnet` recipe retrained on the grouped split refuses 0.162 of the grouped test (docs/trust.md).
 MAX_HELD_OUT_REFUSAL = 0.12
-BCCD_FIELDS, MAX_BCCD_FIELDS_DECIDED = 364, 4
+BCCD_FIELDS, MAX_BCCD_FIELDS_DECIDED = 364, 3
 FLOORS_ANSWERED = {"sensitivity": 0.98, "specificity": 0.97}
 
 
@@ -88,8 +88,8 @@ def test_the_quality_gate_passes_every_smear_the_model_learnt_from(name, data_ro
 
 def test_fields_of_another_laboratory_are_not_diagnosed(served, bccd_root):
     """BCCD fields: normal blood, another stain and camera, on which the model was never validated. Measured
-    for the served default: 4 of 364 decided (3 Negative, 1 Positive); with the quality thresholds 25 % beyond
-    the training extremes 8 were (4 Positive)."""
+    for the served default: 3 of 364 decided (2 Negative, 1 Positive; 4 before the joint colour x feature
+    limit); with the quality thresholds 25 % beyond the training extremes 8 were (4 Positive)."""
     fields, _ = ood.bccd(bccd_root)
     assert len(fields) == BCCD_FIELDS, f"{len(fields)} BCCD fields at {bccd_root}, not the data set's {BCCD_FIELDS}"
     diagnoses = _assess_bytes(served, list(fields.values()))
