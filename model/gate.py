@@ -112,8 +112,9 @@ def upper_limit(train: np.ndarray, validation: np.ndarray) -> float:
 
 def joint_score(colour: np.ndarray, ood: np.ndarray, colour_limit: float, ood_limit: float) -> np.ndarray:
     """Colour distance and feature-density score, each over its own limit, multiplied. Another laboratory's
-    smear sits near both limits; a smear of this data set comes near one of them at most (BCCD fields passed
-    by both limits: products 0.5-1.0; held-out smears: at most 0.5)."""
+    smear sits near both limits; a smear of this data set comes near one of them at most (int8, BCCD fields
+    that pass the quality rules: median 0.54 default, 0.69 4-class head; held-out smears: median 0.08,
+    highest 0.41 and 0.55)."""
     return (colour / colour_limit) * (ood / ood_limit)
 
 
