@@ -94,6 +94,7 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
     passed_quality = np.array([r is None for r in quality_reasons(val_stats, quality)])
     n_val = len(labels["val"])
     ood_budget = int(math.floor(MAX_GATE_REFUSAL * n_val)) - int((~passed_quality).sum())
+    train_passed = np.array([r is None for r in quality_reasons(train_stats, quality)])
     section: dict = {"quality": quality, "min_jpeg_quality": MIN_JPEG_QUALITY}
     densities, fit_report = {"colour": colour}, {}
     for kind in KINDS:
@@ -105,12 +106,11 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
         candidates = np.sort(scores[passed_quality])[::-1]
         ood_threshold = float(candidates[max(ood_budget, 0)]) if len(candidates) > max(ood_budget, 0) else float("inf")
         answered = passed_quality & (scores <= ood_threshold)
-        train_passed = np.array([r is None for r in quality_reasons(train_stats, quality)])
         train_scores = density.score(f_train)
-        train_answered = train_passed & (train_scores <= ood_threshold)
-        joint_threshold = upper_limit(
-            joint_score(train_stats["colour"], train_scores, quality["colour_above"], ood_threshold)[train_answered],
-            joint_score(val_stats["colour"], scores, quality["colour_above"], ood_threshold)[answered])
+        joint = {"train": joint_score(train_stats["colour"], train_scores, quality["colour_above"], ood_threshold)[
+                     train_passed & (train_scores <= ood_threshold)],
+                 "validation": joint_score(val_stats["colour"], scores, quality["colour_above"], ood_threshold)[answered]}
+        joint_threshold = upper_limit(joint["train"], joint["validation"])
         y, p = labels["val"][answered], p_val[answered]
         threshold = choose_threshold(y, p, MIN_SENSITIVITY)
         calibration, band = fit_band(y, p, threshold, f"{card['name']} {kind}")
@@ -120,7 +120,8 @@ def fit_policy(out_dir: Path, root: Path, seed: int = 42) -> dict:
         in_band = (p >= band[0]) & (p < band[1])
         fit_report[kind] = {"validation_images": n_val, "refused_quality": int((~passed_quality).sum()),
                             "refused_unfamiliar": int((passed_quality & ~answered).sum()),
-                            "borderline": int(in_band.sum())}
+                            "borderline": int(in_band.sum()),
+                            "highest_joint_product": {k: float(v.max()) for k, v in joint.items()}}
     gate_file = out_dir / f"{card['name']}_gate.npz"
     save_densities(gate_file, densities)
     section["gate_file"] = {"file": gate_file.name, "sha256": file_sha256(gate_file)}

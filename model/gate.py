@@ -106,15 +106,15 @@ def fit_quality_thresholds(train: dict[str, np.ndarray], validation: dict[str, n
 
 
 def upper_limit(train: np.ndarray, validation: np.ndarray) -> float:
-    """`MARGIN` beyond the highest validation value, or the highest value learnt from, whichever refuses less."""
+    """`MARGIN` beyond the highest validation value, or the highest value learnt from, whichever refuses less
+    (for non-negative statistics; `validation` must not be empty)."""
     return float(max(train.max(initial=0.0), validation.max() * MARGIN))
 
 
 def joint_score(colour: np.ndarray, ood: np.ndarray, colour_limit: float, ood_limit: float) -> np.ndarray:
-    """Colour distance and feature-density score, each over its own limit, multiplied. Another laboratory's
-    smear sits near both limits; a smear of this data set comes near one of them at most (int8, BCCD fields
-    that pass the quality rules: median 0.54 default, 0.69 4-class head; held-out smears: median 0.08,
-    highest 0.41 and 0.55)."""
+    """Colour distance and feature-density score, each over its own limit, multiplied: large only when both
+    are. Smears of another laboratory that pass both limits tend to lie near both; this data set's own
+    smears were measured near one at most (docs/trust.md)."""
     return (colour / colour_limit) * (ood / ood_limit)
 
 

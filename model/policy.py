@@ -53,7 +53,7 @@ class DecisionPolicy:
     density: FeatureDensity | None = None
     colour_density: FeatureDensity | None = None
     ood_threshold: float = float("inf")
-    joint_threshold: float = float("inf")  # cards fitted before the joint rule have none
+    joint_threshold: float = float("inf")  # cards fitted before the joint rule have none: the rule is off
 
     @classmethod
     def from_card(cls, card: dict, kind: str, folder: Path) -> DecisionPolicy:
@@ -68,12 +68,15 @@ class DecisionPolicy:
 
         if file_sha256(gate_file) != section["gate_file"]["sha256"]:
             raise ValueError(f"gate file {gate_file} does not match the SHA-256 in the model card")
+        joint_threshold = float(entry.get("joint_threshold", "inf"))  # cards fitted before the joint rule: off
+        if not joint_threshold > 0:
+            raise ValueError(f"joint_threshold {joint_threshold} in the model card is not a positive number")
         return cls(calibrated=True, threshold=float(entry["threshold"]), band=(float(entry["band"][0]),
                    float(entry["band"][1])), calibration=Calibration(float(entry["temperature"]), float(entry["bias"])),
                    quality=dict(section["quality"]), min_jpeg_quality=int(section["min_jpeg_quality"]),
                    density=load_density(gate_file, "float32" if kind == "keras" else kind),
                    colour_density=load_density(gate_file, "colour"), ood_threshold=float(entry["ood_threshold"]),
-                   joint_threshold=float(entry.get("joint_threshold", "inf")))
+                   joint_threshold=joint_threshold)
 
     def quality_statistics(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """`model.gate.image_statistics` plus `colour`, the distance to the training smears' colour."""
@@ -83,7 +86,9 @@ class DecisionPolicy:
 
     def gate(self, batch: np.ndarray, features: np.ndarray | None,
              jpeg_quality: Sequence[int | None] | None = None) -> tuple[list[str | None], np.ndarray | None]:
-        """Gate reason (or None) and out-of-distribution score per image."""
+        """Gate reason (or None) and out-of-distribution score per image. `unfamiliar_image` is given when the
+        feature score passes its limit, or when colour and features are unusual together (`joint_score` passes
+        the joint limit: then the score returned can lie below its own limit)."""
         stats = self.quality_statistics(batch)
         reasons = quality_reasons(stats, self.quality)
         if jpeg_quality is not None:  # a fact of the payload: it names the reason before the tensor's symptoms

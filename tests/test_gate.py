@@ -95,3 +95,24 @@ def test_an_image_unusual_in_colour_and_features_together_is_unfamiliar():
             batch, features)[0]
     assert joint == [None, "unfamiliar_image", None, None, "unfamiliar_image"]
     assert older == [None, None, None, None, "unfamiliar_image"]
+
+
+def test_a_card_fitted_before_the_joint_rule_serves_without_it_and_a_bad_limit_is_refused():
+    import copy
+    import json
+
+    import pytest
+
+    from model.classifier import CARD_NAME, DEFAULT_ARTIFACT
+    from model.policy import DecisionPolicy
+
+    folder = DEFAULT_ARTIFACT.parent
+    card = json.loads((folder / CARD_NAME).read_text())
+    assert DecisionPolicy.from_card(card, "int8", folder).joint_threshold == card["decision"]["int8"]["joint_threshold"]
+    older = copy.deepcopy(card)
+    del older["decision"]["int8"]["joint_threshold"]
+    assert DecisionPolicy.from_card(older, "int8", folder).joint_threshold == float("inf")
+    for bad in (0.0, -1.0, float("nan")):
+        older["decision"]["int8"]["joint_threshold"] = bad
+        with pytest.raises(ValueError, match="joint_threshold"):
+            DecisionPolicy.from_card(older, "int8", folder)
