@@ -18,6 +18,8 @@ import yaml
 from tests.helpers import free_port, wait_port
 
 ERL = shutil.which("erl") or "/usr/bin/erl"
+# A cold Erlang VM on a loaded 2-core host took over 30 s to listen (ejabberd, beside two trainings and the suite)
+STARTUP_SECONDS = 90
 USER, PASSWORD = "allds", "broker-test-password"  # ejabberd (anonymous login) takes any; amqtt checks its password file
 
 
@@ -51,9 +53,9 @@ class _Process:
         self._out = (self.dir / "stdout.log").open("ab")
         self.proc = subprocess.Popen(argv, cwd=self.dir, stdout=self._out, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + STARTUP_SECONDS
         try:
-            wait_port(self.port, 30)
+            wait_port(self.port, STARTUP_SECONDS)
             while ready and ready not in self.log():
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"never logged {ready!r}")
