@@ -75,13 +75,12 @@ def served_band(val_labels: np.ndarray, p_val: np.ndarray, test_labels: np.ndarr
     float Keras model's, not the int8 artifact's; so this estimates the band, not the whole policy."""
     from model.calibrate import fit_band
     from model.metrics import binary_metrics
+    from model.policy import borderline
 
     _, (low, high) = fit_band(val_labels, p_val, threshold, name)
-    borderline = (p_test >= low) & (p_test < high)
-    if benign_on_top is not None:  # served, a Negative whose top class is a leukaemia class is borderline
-        borderline |= (p_test < low) & ~benign_on_top
-    answered = ~borderline
-    return {"limits": [low, high], "borderline": int(borderline.sum()), "n": len(p_test),
+    undecided = borderline(p_test, (low, high), benign_on_top)
+    answered = ~undecided
+    return {"limits": [low, high], "borderline": int(undecided.sum()), "n": len(p_test),
             "answered": binary_metrics(test_labels[answered], p_test[answered] >= high) if answered.any() else None}
 
 

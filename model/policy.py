@@ -32,6 +32,16 @@ REASONS = ("underexposed", "overexposed", "low_contrast", "out_of_focus", "heavi
            "unfamiliar_colour", "unfamiliar_image", "borderline")
 
 
+def borderline(p_all: np.ndarray, band: tuple[float, float], benign_on_top: np.ndarray | None = None) -> np.ndarray:
+    """Images the band leaves undecided: P(ALL) inside [low, high), or below it while a leukaemia class is the
+    most probable one (`benign_on_top` False), where a Negative would contradict the outputs."""
+    low, high = band
+    undecided = (p_all >= low) & (p_all < high)
+    if benign_on_top is not None:
+        undecided |= (p_all < low) & ~np.asarray(benign_on_top, bool)
+    return undecided
+
+
 @dataclass(frozen=True)
 class Decision:
     label: str
@@ -111,11 +121,12 @@ class DecisionPolicy:
             raise ValueError("no decision policy: run `python -m model calibrate` on this artifact")
         reasons, scores = self.gate(batch, features, jpeg_quality)
         q = self.calibration(p_all)
-        low, high = self.band
+        high = self.band[1]
+        undecided = borderline(np.asarray(p_all), self.band, benign_on_top)
         out = []
         for i, (reason, p) in enumerate(zip(reasons, p_all, strict=True)):
             score = None if scores is None else float(scores[i])
-            if reason is None and (low <= p < high or (p < low and benign_on_top is not None and not benign_on_top[i])):
+            if reason is None and undecided[i]:
                 reason = "borderline"
             if reason is not None:
                 out.append(Decision("Indeterminate", reason, None, score))
