@@ -119,9 +119,11 @@ def joint_score(colour: np.ndarray, ood: np.ndarray, colour_limit: float, ood_li
 
 
 def quality_reasons(stats: dict[str, np.ndarray], thresholds: dict[str, float]) -> list[str | None]:
-    """The first failed quality rule's reason per image, or None (`stats` must hold `colour`)."""
-    failed = np.stack([stats[stat] > thresholds[f"{stat}_{side}"] if side == "above"
-                       else stats[stat] < thresholds[f"{stat}_{side}"] for _, stat, side in QUALITY_RULES])
+    """The first failed quality rule's reason per image, or None (`stats` must hold `colour`). Fails closed: a
+    statistic that is not a finite number fails the first rule that reads it."""
+    finite = {stat: np.where(np.isfinite(stats[stat]), stats[stat], np.nan) for _, stat, _ in QUALITY_RULES}
+    failed = np.stack([~(finite[stat] <= thresholds[f"{stat}_{side}"]) if side == "above"
+                       else ~(finite[stat] >= thresholds[f"{stat}_{side}"]) for _, stat, side in QUALITY_RULES])
     first = failed.argmax(0)
     reasons: list[str | None] = []
     for i, rule in enumerate(first):

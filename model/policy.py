@@ -33,10 +33,10 @@ REASONS = ("underexposed", "overexposed", "low_contrast", "out_of_focus", "heavi
 
 
 def borderline(p_all: np.ndarray, band: tuple[float, float], benign_on_top: np.ndarray | None = None) -> np.ndarray:
-    """Images the band leaves undecided: P(ALL) inside [low, high), or below it while a leukaemia class is the
-    most probable one (`benign_on_top` False), where a Negative would contradict the outputs."""
+    """Images the band leaves undecided: P(ALL) inside [low, high) or not a number, or below the band while a
+    leukaemia class is the most probable one (`benign_on_top` False), where a Negative would contradict the outputs."""
     low, high = band
-    undecided = (p_all >= low) & (p_all < high)
+    undecided = ~(p_all < low) & ~(p_all >= high)
     if benign_on_top is not None:
         undecided |= (p_all < low) & ~np.asarray(benign_on_top, bool)
     return undecided
@@ -108,8 +108,8 @@ class DecisionPolicy:
         if self.density is not None and features is not None:
             scores = self.density.score(features)
             joint = joint_score(stats["colour"], scores, self.quality["colour_above"], self.ood_threshold)
-            reasons = [r or ("unfamiliar_image" if s > self.ood_threshold or j > self.joint_threshold else None)
-                       for r, s, j in zip(reasons, scores, joint, strict=True)]
+            familiar = (scores <= self.ood_threshold) & (joint <= self.joint_threshold)  # false for NaN: closed
+            reasons = [r or (None if ok else "unfamiliar_image") for r, ok in zip(reasons, familiar, strict=True)]
         return reasons, scores
 
     def decide(self, batch: np.ndarray, p_all: np.ndarray, features: np.ndarray | None,

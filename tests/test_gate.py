@@ -116,3 +116,29 @@ def test_a_card_fitted_before_the_joint_rule_serves_without_it_and_a_bad_limit_i
         older["decision"]["int8"]["joint_threshold"] = bad
         with pytest.raises(ValueError, match="joint_threshold"):
             DecisionPolicy.from_card(older, "int8", folder)
+
+
+def test_a_statistic_score_or_probability_that_is_not_a_number_is_refused_not_answered():
+    """Fail closed: a comparison with NaN is false, so a rule written as "refuse when above" would let a
+    non-finite statistic, feature score, joint product or P(ALL) through to a Positive or Negative."""
+    from unittest import mock
+
+    from model.policy import DecisionPolicy
+
+    thresholds = fit_quality_thresholds(*(_statistics(np.random.default_rng(s), 100, (0.07, 0.9)) for s in (4, 5)))
+    smear = {"brightness": 0.7, "contrast": 0.1, "focus": 0.5, "clipped": 0.0, "saturation": 0.15, "colour": 1.0}
+    for stat in smear:
+        for bad in (np.nan, np.inf, -np.inf):
+            stats = {k: np.array([bad if k == stat else v], np.float32) for k, v in smear.items()}
+            assert quality_reasons(stats, thresholds) != [None], (stat, bad)
+
+    stats = {k: np.full(4, v, np.float32) for k, v in smear.items()}
+    stats["colour"][2] = np.nan  # a colour the joint product cannot weigh
+    density = mock.Mock(score=mock.Mock(return_value=np.array([0.5, np.nan, 0.5, 0.5])))
+    batch, features = np.zeros((4, 8, 8, 3), np.float32), np.zeros((4, 4), np.float32)
+    policy = DecisionPolicy(calibrated=True, threshold=0.5, band=(0.3, 0.6), quality=thresholds, density=density,
+                            ood_threshold=2.0, joint_threshold=0.6)
+    with mock.patch.object(DecisionPolicy, "quality_statistics", return_value=stats), \
+            mock.patch("model.policy.quality_reasons", return_value=[None] * 4):
+        decisions = policy.decide(batch, np.array([0.9, 0.9, 0.9, np.nan]), features)
+    assert [d.label for d in decisions] == ["Positive", "Indeterminate", "Indeterminate", "Indeterminate"]
