@@ -19,6 +19,9 @@ FOLDER = DEFAULT_ARTIFACT.parent.parent / "cellnet_standardised_subtype"
 FLOOR = 0.93
 RECALL_FLOORS = {"Benign": 0.88, "Early": 0.93}
 MAX_BCCD_FIELDS_ANSWERED = 30  # measured 27 of 364 (96 before the joint rule)
+# Of 372 BCCD white-cell crops it answers 2 (22 before the joint rule): BloodImage_00383_wbc0 Negative and
+# BloodImage_00301_wbc0 Positive (P(ALL) 0.98), a false Positive on normal blood that this test holds from growing.
+MAX_BCCD_CROPS_ANSWERED, MAX_BCCD_CROPS_POSITIVE = 2, 1
 
 
 def test_subtype_head_is_trained_the_way_the_default_is():
@@ -61,13 +64,21 @@ def test_no_negative_answer_has_a_leukaemia_class_on_top(data_root):
 
 def test_normal_blood_of_another_laboratory_is_never_called_positive_and_mostly_refused(bccd_root):
     """Unlike the default, this head answers some BCCD fields (normal blood, another stain and camera):
-    96 of 364, all Negative, before the gate's joint colour-and-feature rule; 27 after. None may be Positive."""
+    96 of 364, all Negative, before the gate's joint colour-and-feature rule; 27 after. None may be Positive.
+    Its white-cell crops (framed as this data set's captures are) are answered rarely, one of them wrongly."""
     card = read_card(FOLDER)
     clf = Classifier.load(FOLDER / card["artifacts"]["int8"]["file"])
-    fields, _ = ood.bccd(bccd_root)
-    payloads = list(fields.values())
-    images = np.stack([preprocess(b, clf.input_size) for b in payloads])
-    labels = [d.label for d in assess_all(clf, images, [jpeg_quality(b) for b in payloads])]
+    fields, crops = ood.bccd(bccd_root)
+
+    def labels_of(payloads: list[bytes]) -> list[str]:
+        images = np.stack([preprocess(b, clf.input_size) for b in payloads])
+        return [d.label for d in assess_all(clf, images, [jpeg_quality(b) for b in payloads])]
+
+    labels = labels_of(list(fields.values()))
     assert len(labels) == len(fields) and "Positive" not in labels, labels.count("Positive")
     answered = len(labels) - labels.count("Indeterminate")
     assert answered <= MAX_BCCD_FIELDS_ANSWERED, f"{answered} of {len(labels)} BCCD fields answered"
+    labels = labels_of(list(crops.values()))
+    answered = len(labels) - labels.count("Indeterminate")
+    assert answered <= MAX_BCCD_CROPS_ANSWERED and labels.count("Positive") <= MAX_BCCD_CROPS_POSITIVE, \
+        f"{answered} of {len(labels)} BCCD crops answered, {labels.count('Positive')} Positive"
