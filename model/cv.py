@@ -86,7 +86,7 @@ def served_band(val_labels: np.ndarray, p_val: np.ndarray, test_labels: np.ndarr
 
 def summary(results: list[dict]) -> dict:
     """Mean and sd over folds of each seed-0 metric per variant (and of the per-fold min over seeds), and the
-    served band's figures pooled over the folds that estimated it."""
+    served band's figures pooled over the folds that estimated it, with the share of each class it leaves borderline."""
     out = {"folds": len(results)}
     for variant in results[0]["protocol"]:
         entries = [r["protocol"][variant] for r in results]
@@ -99,12 +99,17 @@ def summary(results: list[dict]) -> dict:
     if bands:  # folds run before the band was estimated have none; counts pooled over those that have it
         counts = {k: sum((b["answered"] or {}).get(k, 0) for b in bands.values()) for k in ("tp", "fn", "tn", "fp")}
         n, borderline = sum(b["n"] for b in bands.values()), sum(b["borderline"] for b in bands.values())
+        benign = sum(r["benign"]["test"] for r in results if "served_band" in r)
+        benign_borderline = benign - counts["tn"] - counts["fp"]
         out["served_band"] = {"folds": sorted(bands), "n": n, "borderline": borderline, **counts,
                               "borderline_share": borderline / n,
                               "sensitivity": counts["tp"] / max(counts["tp"] + counts["fn"], 1),
                               "sensitivity_ci95": list(wilson(counts["tp"], counts["tp"] + counts["fn"])),
                               "specificity": counts["tn"] / max(counts["tn"] + counts["fp"], 1),
-                              "specificity_ci95": list(wilson(counts["tn"], counts["tn"] + counts["fp"]))}
+                              "specificity_ci95": list(wilson(counts["tn"], counts["tn"] + counts["fp"])),
+                              "benign_borderline": benign_borderline, "benign_borderline_share": benign_borderline / benign,
+                              "all_borderline": borderline - benign_borderline,
+                              "all_borderline_share": (borderline - benign_borderline) / (n - benign)}
     return out
 
 

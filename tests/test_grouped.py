@@ -104,13 +104,14 @@ def test_a_folds_served_band_is_scored_on_what_it_answers():
 
 
 def test_the_cv_summary_pools_the_band_over_the_folds_that_estimated_it():
-    """Counts are pooled (a fold whose band answers nothing adds only borderline images, not NaN)."""
+    """Counts are pooled (a fold whose band answers nothing adds only borderline images, not NaN), and so is
+    the share of each class left borderline: a band can buy its specificity by refusing most benign smears."""
     from model.cv import summary
 
     def fold(k, borderline, tp=0, fn=0, tn=0, fp=0):
         answered = {"tp": tp, "fn": fn, "tn": tn, "fp": fp} if borderline < 100 else None
-        return {"repeat": 0, "fold": k, "protocol": {}, "served_band": {"n": 100, "borderline": borderline,
-                                                                      "answered": answered}}
+        return {"repeat": 0, "fold": k, "protocol": {}, "benign": {"test": 25},
+                "served_band": {"n": 100, "borderline": borderline, "answered": answered}}
 
     out = summary([{"repeat": 0, "fold": 0, "protocol": {}}, fold(1, 10, 70, 0, 18, 2), fold(2, 20, 59, 1, 20, 0),
                    fold(3, 100)])["served_band"]
@@ -118,3 +119,5 @@ def test_the_cv_summary_pools_the_band_over_the_folds_that_estimated_it():
     assert out["borderline_share"] == pytest.approx(130 / 300)
     assert out["sensitivity"] == pytest.approx(129 / 130) and out["specificity"] == pytest.approx(38 / 40)
     assert out["sensitivity_ci95"][0] < 129 / 130 < out["sensitivity_ci95"][1]
+    assert out["benign_borderline"] == 25 - 20 + 25 - 20 + 25 and out["benign_borderline_share"] == pytest.approx(35 / 75)
+    assert out["all_borderline"] == 75 - 70 + 75 - 60 + 75 and out["all_borderline_share"] == pytest.approx(95 / 225)
