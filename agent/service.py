@@ -338,7 +338,8 @@ class ClassificationService:
 
     def _explain(self, job: Job) -> dict:
         """The heat map a request asked for, at the image's size (scaled to fit `explain_max_side`)."""
-        width, height, _ = read_header(job.request.image)
+        header = read_header(job.request.image)
+        width, height = header.width, header.height
         scale = min(1.0, self.config.inference.explain_max_side / max(width, height))
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         self._inferring_since = time.monotonic()

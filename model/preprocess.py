@@ -27,6 +27,11 @@ _REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMR
 
 _JPEG_END = b"\xff\xd9"
 _JPEG_START_OF_SCAN = 0xDA
+_JPEG_START_OF_SCAN_MARKER = b"\xff\xda"  # never inside scan data (0xFF is stuffed as FF 00)
+# Progressive decoding reads every scan over the whole image: a hostile 139 kB JPEG of 2,647 scans took 16 s
+# at 12 MP. libjpeg's progressive mode writes 10 scans; at this limit a 12 MP image costs about 0.4 s.
+MAX_JPEG_SCANS = 64
+MAX_TILE_PIXELS = 1024 * 1024  # a TIFF tile may exceed a small image up to this; else no larger than the image
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: markers without a length
 
 
@@ -48,15 +53,43 @@ class ImageLimits:
     max_aspect_ratio: float = 20.0
 
 
-def read_header(data: bytes) -> tuple[int, int, str]:
-    """Return (width, height, format) from the image header without decoding the pixels."""
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says, read without decoding its pixels."""
+
+    width: int
+    height: int
+    format: str
+    animated: bool = False      # a second frame or page (GIF, APNG, WebP, TIFF): viewers show more than one
+    transparent: bool = False   # an alpha channel or a transparent colour
+    tile: tuple[int, int] | None = None  # a tiled TIFF's tile size
+
+
+_ANIMATED_FORMATS = {"GIF", "PNG", "WEBP", "TIFF"}  # others' extra frames (MPO's, ICO's) are not what viewers show
+
+
+def _has_second_frame(img: Image.Image) -> bool:
+    if img.format not in _ANIMATED_FORMATS:
+        return False
+    try:
+        img.seek(1)
+    except EOFError:
+        return False
+    return True
+
+
+def read_header(data: bytes) -> Header:
+    """The image's header, without decoding the pixels."""
     if not data:
         raise ImageError("empty_payload", "the payload is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
-                return img.width, img.height, img.format or "unknown"
+                tags = getattr(img, "tag_v2", {})
+                tile = (int(tags[322]), int(tags[323])) if 322 in tags and 323 in tags else None
+                transparent = "A" in img.mode or "a" in img.mode or "transparency" in img.info
+                return Header(img.width, img.height, img.format or "unknown", _has_second_frame(img), transparent, tile)
     except UnidentifiedImageError:
         raise ImageError("not_an_image", "not a recognised image format") from None
     except Exception as exc:  # noqa: BLE001 - hostile bytes make header parsers fail in many ways
@@ -120,6 +153,18 @@ def jpeg_quality(data: bytes) -> int | None:
     return None
 
 
+def _opaque(data: bytes) -> bool:
+    """Every pixel of the (first) frame is fully opaque (decodes the image: only for formats that carry
+    transparency)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                return img.convert("RGBA").getchannel("A").getextrema()[0] == 255
+    except Exception:  # noqa: BLE001 - a transparency that cannot be checked is not served
+        return False
+
+
 def reduction_factor(width: int, height: int, target: int) -> int:
     """Largest OpenCV reduction (1, 2, 4, 8) that keeps the short side at or above `target`."""
     short = min(width, height)
@@ -131,7 +176,8 @@ def preprocess(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> n
 
     Raises `ImageError` for anything that is not an acceptable image.
     """
-    width, height, fmt = read_header(data)
+    header = read_header(data)
+    width, height, fmt = header.width, header.height, header.format
     if width * height > limits.max_pixels:
         raise ImageError("image_too_large",
                          f"{fmt} image of {width}x{height} exceeds {limits.max_pixels} pixels")
@@ -141,8 +187,17 @@ def preprocess(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> n
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
         raise ImageError("bad_aspect_ratio",
                          f"{fmt} image of {width}x{height} exceeds aspect ratio {limits.max_aspect_ratio}")
+    if header.tile and header.tile[0] * header.tile[1] > max(width * height, MAX_TILE_PIXELS):
+        raise ImageError("image_too_large", f"TIFF tiles of {header.tile[0]}x{header.tile[1]} are larger than the "
+                                            f"{width}x{height} image (the decoder would allocate a whole tile)")
+    if header.animated:
+        raise ImageError("unsupported_image", f"{fmt} image of more than one frame or page: send one still image")
     if fmt == "JPEG" and not _jpeg_complete(data):
         raise ImageError("not_an_image", f"truncated JPEG of {width}x{height}: no end-of-image marker")
+    if fmt == "JPEG" and (scans := data.count(_JPEG_START_OF_SCAN_MARKER)) > MAX_JPEG_SCANS:
+        raise ImageError("unsupported_image", f"progressive JPEG of {scans} scans (at most {MAX_JPEG_SCANS} accepted)")
+    if header.transparent and not _opaque(data):
+        raise ImageError("unsupported_image", f"{fmt} image with transparent pixels: send an opaque image")
     flag = _REDUCED_FLAGS[reduction_factor(width, height, size)]
     try:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)

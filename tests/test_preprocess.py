@@ -116,12 +116,113 @@ def test_truncated_jpeg_is_refused_even_with_a_complete_thumbnail_inside(data_ro
 
 @pytest.mark.parametrize("image", [
     np.full((64, 64), 128, np.uint8),  # 1 channel
-    np.full((64, 64, 4), 200, np.uint8),  # alpha
+    np.full((64, 64, 4), 255, np.uint8),  # opaque alpha
     np.full((64, 64, 3), 40000, np.uint16),  # 16 bit
 ])
 def test_other_channel_counts_and_depths_are_served_as_rgb(image):
     x = preprocess(encode(image), 128)
     assert x.shape == (128, 128, 3) and 0 <= x.min() <= x.max() <= 1
+
+
+def tiled_tiff(width: int, height: int, tile: int) -> bytes:
+    """An RGB TIFF whose header declares width x height, holding one deflate tile of tile x tile px."""
+    pixels = np.full((tile, tile, 3), (200, 120, 160), np.uint8)
+    pixels.reshape(-1)[::251] = np.arange(pixels.size // 251 + 1, dtype=np.uint64)[:len(pixels.reshape(-1)[::251])] % 256
+    body = zlib.compress(pixels.tobytes(), 1)
+    tags = [(256, 4, width), (257, 4, height), (258, 3, None), (259, 3, 8), (262, 3, 2), (277, 3, 3), (284, 3, 1),
+            (322, 4, tile), (323, 4, tile), (324, 4, None), (325, 4, len(body))]
+    bits_at = 8 + 2 + 12 * len(tags) + 4  # after the header and the one IFD: BitsPerSample (8, 8, 8), then the tile
+    out = b"II*\x00" + struct.pack("<IH", 8, len(tags))
+    for tag, kind, value in tags:
+        value = {258: bits_at, 324: bits_at + 6}.get(tag, value)
+        count = 3 if tag == 258 else 1
+        out += struct.pack("<HHI", tag, kind, count) + struct.pack("<HH" if kind == 3 and count == 1 else "<I",
+                                                                    *((value, 0) if kind == 3 and count == 1 else (value,)))
+    return out + struct.pack("<IHHH", 0, 8, 8, 8) + body
+
+
+def test_a_tiff_whose_tile_dwarfs_the_image_is_refused_before_decoding():
+    """A 2 MB TIFF of 100 x 100 px with one 8000 x 8000 tile: the pixel limit reads 10,000 px from the header,
+    while the decoder allocates the tile (measured: 298 MB peak for the process, 52 MB for a normal TIFF)."""
+    with pytest.raises(ImageError) as info:
+        preprocess(tiled_tiff(100, 100, 8000), 128)
+    assert info.value.code == "image_too_large" and "tile" in info.value.message
+    assert preprocess(tiled_tiff(200, 200, 256), 128).shape == (128, 128, 3)  # a tile a bit larger than the image
+
+
+def progressive_jpeg(side: int = 1024) -> bytes:
+    """A valid progressive JPEG of grey `side` x `side` px in 1 + 3 x 63 scans: a DC scan, then one scan per
+    colour component and AC coefficient, each a single end-of-band run over all blocks (the cost of a
+    progressive decode grows with its scans; a few kB can hold thousands)."""
+    blocks = (side // 8) ** 2
+    assert blocks == 2 ** 14  # one EOB14 run (code '0', 14 extra bits 0) covers a whole component
+
+    def segment(marker: int, body: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body
+
+    def scan(components: list[int], start: int, end: int) -> bytes:
+        return segment(0xDA, bytes([len(components)]) + b"".join(bytes([c, 0]) for c in components) + bytes([start, end, 0]))
+
+    one_code = bytes([1] + [0] * 15)  # one Huffman code of length 1
+    out = b"\xff\xd8" + segment(0xDB, b"\x00" + bytes([1] * 64))
+    out += segment(0xC2, struct.pack(">BHHB", 8, side, side, 3) + b"".join(bytes([c, 0x11, 0]) for c in (1, 2, 3)))
+    out += segment(0xC4, b"\x00" + one_code + b"\x00" + b"\x10" + one_code + b"\xe0")  # DC: category 0; AC: EOB14
+    out += scan([1, 2, 3], 0, 0) + bytes(blocks * 3 // 8)
+    for component in (1, 2, 3):
+        for k in range(1, 64):
+            out += scan([component], k, k) + b"\x00\x01"  # '0' + 14 zero bits, padded with a 1
+    return out + b"\xff\xd9"
+
+
+def test_a_jpeg_of_more_scans_than_any_encoder_writes_is_refused(data_root):
+    """Decode time grows with the scans: a hostile 139 kB progressive JPEG of 2,647 scans took 16 s to decode
+    and stalled every request behind it. libjpeg's own progressive mode writes 10."""
+    bomb = progressive_jpeg()
+    with pytest.raises(ImageError) as info:
+        preprocess(bomb, 128)
+    assert info.value.code == "unsupported_image" and "190 scans" in info.value.message
+    smear = cv2.imread(str(data_root / SAMPLE))
+    progressive = encode(smear, ".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    np.testing.assert_allclose(preprocess(progressive, 128), preprocess(encode(smear, ".jpg"), 128), atol=0.05)
+
+
+def _pillow(frames: list[np.ndarray], fmt: str, **options) -> bytes:
+    import io
+
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    out = io.BytesIO()
+    images[0].save(out, fmt, save_all=len(images) > 1, append_images=images[1:], **options)
+    return out.getvalue()
+
+
+def test_images_that_are_not_one_opaque_still_are_refused():
+    """What a viewer shows is not what the network would read: only the first frame of an animation or of a
+    multi-page file, the colour hidden under transparent pixels. Opaque single frames are served."""
+    red, blue = np.full((64, 64, 3), (200, 40, 60), np.uint8), np.full((64, 64, 3), (40, 60, 200), np.uint8)
+    hidden = np.dstack([red, np.zeros((64, 64), np.uint8)])
+    half = np.dstack([red, np.full((64, 64), 128, np.uint8)])
+    refused = {
+        "animated GIF": _pillow([red, blue], "GIF", duration=20),
+        "animated PNG": _pillow([red, blue], "PNG"),
+        "multi-page TIFF": _pillow([red, blue], "TIFF"),
+        "animated WebP": _pillow([red, blue], "WEBP", lossless=True),
+        "transparent PNG": encode(cv2.cvtColor(hidden, cv2.COLOR_RGBA2BGRA)),
+        "half-transparent PNG": encode(cv2.cvtColor(half, cv2.COLOR_RGBA2BGRA)),
+        "transparent WebP": _pillow([hidden], "WEBP", lossless=True),
+        "transparent grey PNG": _pillow([np.dstack([red[..., 0], np.zeros((64, 64), np.uint8)])], "PNG"),
+        "palette PNG with a transparent colour": _pillow([red], "PNG", transparency=(200, 40, 60)),
+    }
+    for name, payload in refused.items():
+        with pytest.raises(ImageError) as info:
+            preprocess(payload, 32)
+        assert info.value.code == "unsupported_image", name
+    opaque = np.dstack([red, np.full((64, 64), 255, np.uint8)])
+    for name, payload in {"GIF": _pillow([red], "GIF"), "opaque RGBA PNG": _pillow([opaque], "PNG"),
+                          "opaque WebP": _pillow([opaque], "WEBP", lossless=True), "TIFF": _pillow([red], "TIFF")}.items():
+        x = preprocess(payload, 32)
+        assert abs(float(x[..., 0].mean()) - 200 / 255) < 0.02, name
 
 
 def test_pixel_limit_is_configurable(data_root):
@@ -148,7 +249,7 @@ def test_fuzz_decode_returns_a_tensor_or_our_error(seeds, choice, edits, cut, ju
         x = preprocess(payload, 64)
     except ImageError as exc:
         assert exc.code in {"empty_payload", "not_an_image", "image_too_large", "image_too_small",
-                            "bad_aspect_ratio"}
+                            "bad_aspect_ratio", "unsupported_image"}
         return
     assert x.shape == (64, 64, 3) and x.dtype == np.float32 and np.isfinite(x).all()
 
