@@ -254,6 +254,9 @@ class ClassificationService:
         try:
             job.request = protocol.parse_request(job.message.payload, job.message.properties,
                                                  self.config.inference.max_payload_bytes)
+            if job.message.retain:  # kept by the broker: it would come again, and be diagnosed again, on every connect
+                raise protocol.RequestError("retained_request", "retained requests are not answered (clear it: "
+                                            f"mosquitto_pub -r -n -t {job.message.topic})")
             requested, _ = protocol.reply_route(job.message.properties)
             if requested is not None and not self.topics.reply_allowed(requested):
                 raise protocol.RequestError("bad_response_topic", "the Response Topic must lie under one of "

@@ -78,6 +78,21 @@ def test_retained_commands_are_not_executed(broker, client, start_agent, image):
     assert "model active:" not in agent.log()
 
 
+def test_a_retained_request_is_refused_not_diagnosed_on_every_connect(broker, client, start_agent, image):
+    """A request published retained comes again on every (re)connect: answered, it added a Positive record to
+    HIAS's Sensors topic each time the agent restarted."""
+    client.publish(INFERENCE, image, correlation=b"retained-request", retain=True)
+    agent = start_agent(broker.port)
+    for attempt in range(2):
+        online(client)
+        reply = client.expect_json(DIAGNOSIS, id="retained-request")
+        assert reply["error"]["code"] == "retained_request" and "mosquitto_pub -r -n" in reply["error"]["message"], reply
+        served(client, image, f"after-retained-{attempt}")
+        assert agent.terminate() == 0
+        agent.start()
+    assert "request id=retained-request" not in agent.log()  # never diagnosed, never a Sensors record
+
+
 # ---- 2. packet size --------------------------------------------------------------------------
 def test_150_mb_publish_never_reaches_the_agent(broker, client, start_agent, image):
     agent = start_agent(broker.port)
