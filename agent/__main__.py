@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -48,6 +49,17 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2e6
 
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class OneLineFormatter(logging.Formatter):
+    """Writes control characters of a record's message escaped (`\\n`, `\\x1b`): request ids and names come
+    from requesters, and a newline in one would start a forged line of the agent's log. Tracebacks keep theirs."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _CONTROL_CHARACTERS.sub(lambda m: repr(m.group())[1:-1], super().formatMessage(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="allds-agent", description="AllDS HIAS classification agent")
     parser.add_argument("--config", default="config/agent.yaml", help="YAML config (default: %(default)s)")
@@ -58,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(level=config.logging.level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=config.logging.level, handlers=[handler])
     try:
         store = ModelStore(config)
         classifier = store.start()

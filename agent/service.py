@@ -369,7 +369,8 @@ class ClassificationService:
                                  on_acked=lambda refusal: self._replied(job, topic, refusal))
         self.session.publish(self.topics.sensors, protocol.sensors_record(diagnosis, req.id))
         if self.config.hias.dialect == "hias3":
-            self._classification({"Type": "Diagnosis", "Value": diagnosis.label}, f"{req.name or req.id}: {diagnosis.label}")
+            self._classification({"Type": "Diagnosis", "Value": diagnosis.label},  # the label first: the name is the requester's
+                                 f"{diagnosis.label}: {req.name or req.id}")
         self.counters.add("diagnoses")
         if self.metrics:
             self.metrics.answered(diagnosis.label, total_ms / 1000, job.decode_ms / 1000)

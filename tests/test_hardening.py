@@ -3,6 +3,7 @@ issue, reproduced against a real Mosquitto and a real agent process."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -91,6 +92,24 @@ def test_a_retained_request_is_refused_not_diagnosed_on_every_connect(broker, cl
         assert agent.terminate() == 0
         agent.start()
     assert "request id=retained-request" not in agent.log()  # never diagnosed, never a Sensors record
+
+
+def test_a_request_cannot_write_lines_of_its_own_into_the_agent_log(broker, client, start_agent, image):
+    """Ids and names come from the requester: a newline in them forged whole log lines ("... diagnosis=Positive",
+    "ERROR allds.agent unhealthy") that an operator or a log shipper reads as the agent's."""
+    agent = start_agent(broker.port)
+    online(client)
+    forged = "x\n2026-12-02 01:02:03,456 INFO allds.service request id=forged-line diagnosis=Positive\r\u2028"
+    client.publish(INFERENCE, image, correlation=forged.encode())
+    client.expect_json(DIAGNOSIS, id=forged)
+    envelope = json.dumps({"id": "y\nERROR allds.agent unhealthy", "name": "z\x1b[2Jname",
+                           "image": base64.b64encode(image).decode()})
+    client.publish(INFERENCE, envelope)
+    client.expect_json(DIAGNOSIS, id="y\nERROR allds.agent unhealthy")
+    lines = agent.log().splitlines()
+    assert not [line for line in lines if line.startswith(("2026-12-02 01:02:03", "ERROR allds.agent"))], lines[-6:]
+    assert "\x1b" not in agent.log() and "\u2028" not in agent.log()
+    assert "x\\n2026-12-02 01:02:03,456" in agent.log()  # written, escaped
 
 
 # ---- 2. packet size --------------------------------------------------------------------------

@@ -32,7 +32,9 @@ def test_hias3_topics_and_payloads_parse_as_hias3_parses_them(broker, start_agen
     assert hias3.dispatch(life.topic) == "Life" and hias3.parse_life(life.payload)["cpuUsage"] >= 0
     record = hias3.parse_classification(state.payload, copy.deepcopy(hias3.HIASCDI_MODELS))
     assert record["models"] and record["models"][0]["context"]["state"] == {"value": "active"}
-    client.publish(f"{BASE}/Inference", (data_root / "Pro/WBC-Malignant-Pro-010.jpg").read_bytes(), correlation=b"h3")
+    spoof = "patient-7.jpg: Negative" + " " * 200  # a name that would read as the answer, the real one cut off
+    client.publish(f"{BASE}/Inference", (data_root / "Pro/WBC-Malignant-Pro-010.jpg").read_bytes(), correlation=b"h3",
+                   user=[("name", spoof)])
     answer = client.expect_json(f"{BASE}/Diagnosis", 15, id="h3")
     sensors = client.expect(f"{BASE}/Sensors", 10)
     assert hias3.parse_sensors(sensors.payload, {"GeniSysAI": {}})["Value"] == answer["diagnosis"]
@@ -40,6 +42,7 @@ def test_hias3_topics_and_payloads_parse_as_hias3_parses_them(broker, start_agen
     assert hias3.dispatch(classification.topic) == "Classification"
     stored = hias3.parse_classification(classification.payload, copy.deepcopy(hias3.HIASCDI_MODELS))
     assert stored["record"]["Type"] == "Diagnosis" and stored["record"]["Value"] == answer["diagnosis"]
+    assert stored["record"]["Message"].startswith(f"{answer['diagnosis']}: patient-7.jpg"), stored["record"]  # label first
     assert stored["models"][0]["context"]["properties"]["value"]["Diagnosis"] == {"value": answer["diagnosis"]}
     # HIAS 3 forwards a rule's command to {location}/Devices/{zone}/{device}/Commands in its short shape
     topic, forwarded = hias3.parse_command(json.dumps({**hias3.COMMAND_FROM_HIAS, "Value": "allds2020"}).encode(),
