@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +47,12 @@ class Item:
     latency_ms: float | None = None
     reply: dict | None = None
     duplicates: int = 0
+    sha256: str = ""  # of the bytes sent: a diagnosis names the image it is about
+    foreign: int = 0  # answers under this id about other bytes (another requester can publish on a reply topic)
+
+    def about_this_image(self, reply: dict) -> bool:
+        """An error, or a diagnosis of the image sent (not one forged or meant for other bytes)."""
+        return ("error" in reply and "diagnosis" not in reply) or reply.get("sha256") == self.sha256
 
 
 @dataclass
@@ -66,9 +73,14 @@ class Report:
     def duplicates(self) -> int:
         return sum(i.duplicates for i in self.items)
 
+    @property
+    def foreign_answers(self) -> int:
+        return sum(i.foreign for i in self.items)
+
     def as_dict(self) -> dict:
         return {"images": len(self.items), "answered": len(self.items) - len(self.missing),
                 "missing": [i.id for i in self.missing], "duplicates": self.duplicates,
+                "foreign_answers": self.foreign_answers,
                 "errors": self.errors, "indeterminate": self.indeterminate, "metrics": self.metrics,
                 "latency_ms": self.latency_ms,
                 "results": [{"id": i.id, "path": str(i.path), "label": i.label, "sent_at": i.sent_at,
@@ -124,7 +136,9 @@ def replay(session: MqttSession, topics: Topics, paths: list[Path], concurrency:
             return
         while True:
             item = by_id.get(str(doc.get("id")))
-            if item is not None:
+            if item is not None and not item.about_this_image(doc):
+                item.foreign += 1
+            elif item is not None:
                 if item.reply is None:
                     item.reply, item.latency_ms = doc, (now - item.sent) * 1000
                     pending.discard(item.id)
@@ -144,6 +158,7 @@ def replay(session: MqttSession, topics: Topics, paths: list[Path], concurrency:
         while rate and time.perf_counter() - started < n / rate:
             drain(min(0.05, max(0.0, started + n / rate - time.perf_counter())))
         data = item.path.read_bytes()
+        item.sha256 = hashlib.sha256(data).hexdigest()
         item.sent, item.sent_at = time.perf_counter(), time.time()
         pending.add(item.id)
         if session.v5:
@@ -204,6 +219,9 @@ def print_report(report: Report, per_image: bool = True) -> None:
     print(f"images {len(report.items)} answered {answered} missing {len(report.missing)} "
           f"duplicates {report.duplicates} errors {sum(report.errors.values())} indeterminate {refused}"
           + (f" ({', '.join(f'{r} {n}' for r, n in sorted(report.indeterminate.items()))})" if refused else ""))
+    if report.foreign_answers:
+        print(f"{report.foreign_answers} answers about other images ignored (published under replayed ids by another "
+              "client: check who may publish on the reply topic)")
     if report.metrics:
         print(summary_line(report.metrics))
     if report.latency_ms:

@@ -214,6 +214,42 @@ def test_replay_of_real_images(broker, client, online, data_root, tmp_path):
     assert m["tp"] + m["fp"] + m["tn"] + m["fn"] + sum(report["indeterminate"].values()) == 120
 
 
+def test_replay_keeps_only_answers_about_the_image_it_sent(broker, data_root, tmp_path):
+    """Another requester may publish onto a replay's reply topic (it only has to learn the topic) an answer
+    under a replayed id: every answer names the SHA-256 of the image it is about, and replay keeps only
+    those about the image it sent. Here a forger answers each request first with a Positive about other
+    bytes, then the genuine-looking Negative about the sent ones; no agent runs."""
+    import hashlib
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from tests.helpers import write_config
+
+    forger = Client(broker.port)
+
+    def answer(client, userdata, message):
+        reply_to, correlation = message.properties.ResponseTopic, message.properties.CorrelationData
+        for sha256, diagnosis in (("0" * 64, "Positive"), (hashlib.sha256(message.payload).hexdigest(), "Negative")):
+            body = {"id": correlation.decode(), "sha256": sha256, "diagnosis": diagnosis, "reason": None}
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation
+            client.publish(reply_to, json.dumps(body), qos=1, properties=props)
+
+    forger.client.on_message = answer
+    forger.subscribe(INFERENCE)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(f"Benign/WBC-Benign-{n:03d}.jpg" for n in range(1, 6)) + "\n")
+    result = subprocess.run([sys.executable, "-m", "agent.replay", str(listing), "--data", str(data_root),
+                             "--config", str(write_config(tmp_path / "replay.yaml", broker.port)),
+                             "--json", str(tmp_path / "r.json"), "--timeout", "20"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    forger.close()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [r["reply"]["diagnosis"] for r in report["results"]] == ["Negative"] * 5, result.stdout
+    assert report["foreign_answers"] == 5 and "5 answers about other images ignored" in result.stdout, result.stdout
+
+
 @pytest.mark.parametrize("name", ["cellnet", "cellnet_standardised_subtype"])  # allds2020: tests/test_delivery.py
 def test_each_selectable_model_serves_over_the_wire(broker, client, start_agent, image, name):
     """`model.name` picks any shipped model besides the default (which mixes float32 and int8 ops)."""
