@@ -57,7 +57,7 @@ class ImageLimits:
 class Header:
     """What an image's header says, read without decoding its pixels."""
 
-    width: int
+    width: int    # as shown: after the EXIF orientation's turn
     height: int
     format: str
     animated: bool = False      # a second frame or page (GIF, APNG, WebP, TIFF): viewers show more than one
@@ -65,6 +65,7 @@ class Header:
     tile: tuple[int, int] | None = None  # a tiled TIFF's tile size
 
 
+_EXIF_ORIENTATION, _TURNED = 0x0112, {5, 6, 7, 8}  # orientations a quarter turn away from the stored pixels
 _ANIMATED_FORMATS = {"GIF", "PNG", "WEBP", "TIFF"}  # others' extra frames (MPO's, ICO's) are not what viewers show
 
 
@@ -89,7 +90,10 @@ def read_header(data: bytes) -> Header:
                 tags = getattr(img, "tag_v2", {})
                 tile = (int(tags[322]), int(tags[323])) if 322 in tags and 323 in tags else None
                 transparent = "A" in img.mode or "a" in img.mode or "transparency" in img.info
-                return Header(img.width, img.height, img.format or "unknown", _has_second_frame(img), transparent, tile)
+                width, height = img.size
+                if img.format == "JPEG" and img.getexif().get(_EXIF_ORIENTATION) in _TURNED:  # OpenCV turns it too
+                    width, height = height, width
+                return Header(width, height, img.format or "unknown", _has_second_frame(img), transparent, tile)
     except UnidentifiedImageError:
         raise ImageError("not_an_image", "not a recognised image format") from None
     except Exception as exc:  # noqa: BLE001 - hostile bytes make header parsers fail in many ways

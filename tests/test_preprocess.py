@@ -225,6 +225,25 @@ def test_images_that_are_not_one_opaque_still_are_refused():
         assert abs(float(x[..., 0].mean()) - 200 / 255) < 0.02, name
 
 
+def test_the_header_gives_the_size_a_viewer_shows_of_a_rotated_jpeg():
+    """A camera's EXIF Orientation turns the picture; OpenCV decodes it turned, and an explanation's heat map
+    (sized from the header) must be turned alike: it came out 224 x 150 over a 150 x 224 picture."""
+    import io
+
+    from PIL import Image
+
+    from model.preprocess import read_header
+
+    for orientation, shown in ((1, (224, 150)), (3, (224, 150)), (6, (150, 224)), (8, (150, 224))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        out = io.BytesIO()
+        Image.fromarray(np.zeros((150, 224, 3), np.uint8)).save(out, "JPEG", exif=exif)
+        header = read_header(out.getvalue())
+        decoded = cv2.imdecode(np.frombuffer(out.getvalue(), np.uint8), cv2.IMREAD_COLOR)
+        assert (header.width, header.height) == shown == decoded.shape[1::-1], orientation
+
+
 def test_pixel_limit_is_configurable(data_root):
     with pytest.raises(ImageError):
         preprocess((data_root / SAMPLE).read_bytes(), 128, ImageLimits(max_pixels=224 * 224 - 1))
