@@ -72,8 +72,6 @@ def reply_route(properties) -> tuple[str | None, bytes | None]:
     """The MQTT 5 Response Topic and Correlation Data a message asks for (unchecked topic)."""
     topic = getattr(properties, "ResponseTopic", None) if properties else None
     correlation = getattr(properties, "CorrelationData", None) if properties else None
-    if correlation is not None and len(correlation) > MAX_ID_CHARS:
-        correlation = None
     return topic or None, correlation
 
 
@@ -108,6 +106,8 @@ def parse_json(data: bytes, what: str) -> object:
 def parse_request(payload: bytes, properties, max_payload_bytes: int) -> Request:
     """A request from raw image bytes (with optional MQTT 5 properties) or a JSON envelope."""
     _, correlation = reply_route(properties)
+    if correlation is not None and len(correlation) > MAX_ID_CHARS:
+        raise RequestError("bad_request", f"Correlation Data longer than {MAX_ID_CHARS} bytes (it is the request id)")
     request_id = correlation_id(correlation) if correlation is not None else None
     user_properties = (getattr(properties, "UserProperty", None) or []) if properties else []
     name = dict(user_properties).get("name")

@@ -406,7 +406,7 @@ class ClassificationService:
         requested, correlation = protocol.reply_route(message.properties)
         topic = requested if requested and not to_default and self.topics.reply_allowed(requested) \
             else self.topics.diagnosis
-        if request_id is None and correlation is not None:
+        if request_id is None and correlation is not None and len(correlation) <= protocol.MAX_ID_CHARS:
             request_id = protocol.correlation_id(correlation)
         self.session.publish(topic, protocol.error_reply(code, text, request_id, name, self.config.hias.name),
                              properties=publish_properties(correlation=correlation), on_acked=on_acked)

@@ -88,3 +88,19 @@ def test_reply_routes_never_reach_an_own_channel_even_below_it():
         assert not topics.reply_allowed(f"{base}/{bad}"), bad
     for bad in ("$SYS/x", "replies/+", "replies/#", "", "elsewhere/x"):
         assert not Topics.from_config(parse({})).reply_allowed(bad), bad
+
+
+def test_correlation_data_too_long_to_be_an_id_is_refused_not_dropped():
+    """Correlation Data over 256 bytes was dropped: the answer came back with neither it nor an id the
+    requester knew. It is a bad request now, and the error echoes the Correlation Data."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = b"c" * (protocol.MAX_ID_CHARS + 1)
+    with pytest.raises(protocol.RequestError) as info:
+        protocol.parse_request(b"\xff\xd8 an image", props, 1024)
+    assert info.value.code == "bad_request" and "Correlation Data" in info.value.message
+    assert protocol.reply_route(props)[1] == props.CorrelationData  # echoed on the error
+    props.CorrelationData = b"c" * protocol.MAX_ID_CHARS
+    assert protocol.parse_request(b"\xff\xd8 an image", props, 1024).id == "c" * protocol.MAX_ID_CHARS
