@@ -7,6 +7,7 @@ Screenshots go to $ALLDS_SCREENSHOTS or, by default, to the pytest temporary fol
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -368,7 +369,9 @@ def test_wrong_password_shows_a_clear_error(tmp_path, browser, screens):
 
 class StandIn:
     """A pool member that answers like the agent but with a fixed Indeterminate answer and a heat map,
-    to check the page renders those fields. It is not the agent: the real agent's answers are checked above."""
+    to check the page renders those fields. It is not the agent: the real agent's answers are checked above.
+    Before each answer it publishes a forged Positive under the same id about other bytes, as another
+    requester can make the agent do (docs/protocol.md, "Check sha256"): the page must ignore it."""
 
     def __init__(self, port: int, device: str, pool_topic: str) -> None:
         self.device, self.base = device, f"{ROOT}/allds-zone/{device}"
@@ -392,12 +395,15 @@ class StandIn:
                "explain_requested": dict(props.UserProperty).get("explain"), "ts": "2026-12-01T00:00:00Z"}
         reply = Properties(PacketTypes.PUBLISH)
         reply.CorrelationData = props.CorrelationData
+        forged = {**doc, "sha256": "0" * 64, "diagnosis": "Positive", "reason": None, "confidence": 0.999}
+        self.client.client.publish(props.ResponseTopic, json.dumps(forged), qos=1, properties=reply)
+        doc["sha256"] = hashlib.sha256(message.payload).hexdigest()
         self.client.client.publish(props.ResponseTopic, json.dumps(doc), qos=1, properties=reply)
 
 
 def test_indeterminate_reason_heat_map_and_pool_rendering(tmp_path, browser, screens, data_root):
     """Indeterminate with its reason, the explanation heat map over the image, and a pool of two, from
-    stand-in pool members on an anonymous broker (see StandIn)."""
+    stand-in pool members on an anonymous broker (see StandIn); their forged Positives are never shown."""
     ws = free_port()
     broker = Broker(tmp_path / "broker", extra=f"listener {ws} 127.0.0.1\nprotocol websockets\nhttp_dir {WWW}").start()
     wait_port(ws)

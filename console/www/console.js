@@ -563,8 +563,18 @@
       if (file.size === 0) { setCardState(req, "failed", "Not sent: the file is empty."); continue; }
       setCardState(req, "sending", "Sending…");
       const payload = new Uint8Array(await file.arrayBuffer());
+      req.sha256 = await sha256Hex(payload);
       publish(req, payload);
     }
+  }
+
+  // An answer names the SHA-256 of the image it is about; another requester can have the agent answer under our
+  // id about its own image (docs/protocol.md, "Check sha256"). WebCrypto exists only in secure contexts (https,
+  // localhost): elsewhere there is no hash to check against.
+  async function sha256Hex(bytes) {
+    if (!(window.crypto && crypto.subtle)) return null;
+    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+    return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
   function publish(req, payload) {
@@ -603,6 +613,10 @@
 
   function onOwnAnswer(topicKey, id, doc) {
     const req = state.requests.get(id);
+    if (req && req.sha256 && "diagnosis" in doc && doc.sha256 !== req.sha256) {
+      console.warn(`ignored an answer under id ${id} about another image (sha256 ${String(doc.sha256)})`);
+      return;
+    }
     if (typeof doc.device === "string" && req && req.target.kind === "pool") {
       const pool = state.pools.get(req.target.key);
       if (pool) { pool.members.add(state.names.get(doc.device) || doc.device); changed(); }
