@@ -201,10 +201,12 @@ def diagnosis_reply(request: Request, diagnosis: Diagnosis, model: dict, timing_
     return json.dumps(reply).encode()
 
 
-def error_reply(code: str, message: str, request_id: str | None, name: str | None, device: str) -> bytes:
-    """The error JSON for a request (or command) that cannot be served."""
+def error_reply(code: str, message: str, request_id: str | None, name: str | None, device: str,
+                payload_sha256: str) -> bytes:
+    """The error JSON for a request (or command) that cannot be served; `payload_sha256` names the bytes
+    refused, so a client can tell its own errors from ones about another requester's payload."""
     return json.dumps({"id": request_id, "name": name, "error": {"code": code, "message": message},
-                       "device": device, "ts": now_iso()}).encode()
+                       "payload_sha256": payload_sha256, "device": device, "ts": now_iso()}).encode()
 
 
 SENSORS_MESSAGES = {"Positive": "Acute Lymphoblastic Leukemia detected!",

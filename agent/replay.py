@@ -47,12 +47,15 @@ class Item:
     latency_ms: float | None = None
     reply: dict | None = None
     duplicates: int = 0
-    sha256: str = ""  # of the bytes sent: a diagnosis names the image it is about
+    sha256: str = ""  # of the image sent: a diagnosis names the image it is about
+    payload_sha256: str = ""  # of the payload sent (the image, or its JSON envelope): an error names it
     foreign: int = 0  # answers under this id about other bytes (another requester can publish on a reply topic)
 
     def about_this_image(self, reply: dict) -> bool:
-        """An error, or a diagnosis of the image sent (not one forged or meant for other bytes)."""
-        return ("error" in reply and "diagnosis" not in reply) or reply.get("sha256") == self.sha256
+        """A diagnosis of the image sent, or an error about the payload sent (not one about other bytes)."""
+        if "diagnosis" in reply:
+            return bool(self.sha256) and reply.get("sha256") == self.sha256
+        return bool(self.payload_sha256) and reply.get("payload_sha256") == self.payload_sha256
 
 
 @dataclass
@@ -162,11 +165,13 @@ def replay(session: MqttSession, topics: Topics, paths: list[Path], concurrency:
         item.sent, item.sent_at = time.perf_counter(), time.time()
         pending.add(item.id)
         if session.v5:
+            item.payload_sha256 = item.sha256
             props = publish_properties(reply_topic, item.id.encode(), [("name", item.path.name)])
             session.publish(topics.request, data, properties=props)
         else:
-            envelope = {"id": item.id, "name": item.path.name, "image": base64.b64encode(data).decode()}
-            session.publish(topics.request, json.dumps(envelope))
+            envelope = json.dumps({"id": item.id, "name": item.path.name, "image": base64.b64encode(data).decode()})
+            item.payload_sha256 = hashlib.sha256(envelope.encode()).hexdigest()
+            session.publish(topics.request, envelope)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         drain(0.1)

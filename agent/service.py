@@ -30,7 +30,7 @@ from agent.session import Inbound, MqttSession, publish_properties
 from agent.topics import Topics
 from model.classifier import Classifier, Diagnosis, ModelError
 from model.explain import explain
-from model.preprocess import ImageError, ImageLimits, jpeg_quality, preprocess, read_header
+from model.preprocess import ImageError, ImageLimits, decode, jpeg_quality
 
 log = logging.getLogger("allds.service")
 FAILED_BATCHES_ROLLBACK = 3
@@ -44,6 +44,7 @@ class Job:
     received: float
     request: protocol.Request | None = None
     tensor: np.ndarray | None = None
+    shown_size: tuple[int, int] = (0, 0)  # (width, height) of the image as decoded, for an explanation
     decode_ms: float = 0.0
     jpeg_quality: int | None = None  # the gate refuses heavily compressed JPEGs, which the tensor cannot show
     respond: Callable[[dict], None] | None = None  # a local (HTTP) request: the answer goes here, not to MQTT
@@ -237,7 +238,8 @@ class ClassificationService:
             unheld = dataclasses.replace(message, payload=b"")  # the payload is not kept while the answer goes out
             self._send_error(unheld, "busy", f"the agent holds {self._held_limit} bytes of requests already; "
                              "send it again later", None, dict(getattr(message.properties, "UserProperty", None) or
-                                                               []).get("name"), on_acked=lambda _: self.session.ack(unheld))
+                                                               []).get("name"), on_acked=lambda _: self.session.ack(unheld),
+                             payload_sha256=hashlib.sha256(message.payload).hexdigest())
             if self.metrics:
                 self.metrics.answered("busy", time.perf_counter() - job.received)
             return
@@ -261,7 +263,8 @@ class ClassificationService:
             if requested is not None and not self.topics.reply_allowed(requested):
                 raise protocol.RequestError("bad_response_topic", "the Response Topic must lie under one of "
                                             f"{', '.join(self.topics.reply_filters)} and name no device channel")
-            job.tensor = preprocess(job.request.image, self.classifier.input_size, self._limits)
+            decoded = decode(job.request.image, self.classifier.input_size, self._limits)
+            job.tensor, job.shown_size = decoded.tensor, decoded.shown_size
             job.jpeg_quality = jpeg_quality(job.request.image)
             job.decode_ms = (time.perf_counter() - start) * 1000
             self._ready.put(job)
@@ -327,7 +330,7 @@ class ClassificationService:
         clf = self.classifier
         for job in batch:  # a reload may have changed the input size since decoding
             if job.tensor.shape[0] != clf.input_size:
-                job.tensor = preprocess(job.request.image, clf.input_size, self._limits)
+                job.tensor = decode(job.request.image, clf.input_size, self._limits).tensor
         start = time.perf_counter()
         self._inferring_since = time.monotonic()
         diagnoses = clf.assess(np.stack([job.tensor for job in batch]), [job.jpeg_quality for job in batch])
@@ -341,8 +344,7 @@ class ClassificationService:
 
     def _explain(self, job: Job) -> dict:
         """The heat map a request asked for, at the image's size (scaled to fit `explain_max_side`)."""
-        header = read_header(job.request.image)
-        width, height = header.width, header.height
+        width, height = job.shown_size
         scale = min(1.0, self.config.inference.explain_max_side / max(width, height))
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         self._inferring_since = time.monotonic()
@@ -394,7 +396,8 @@ class ClassificationService:
         if self.metrics:
             self.metrics.answered(code, time.perf_counter() - job.received)
         if job.respond:
-            job.respond(json.loads(protocol.error_reply(code, message, request_id, name, self.config.hias.name)))
+            job.respond(json.loads(protocol.error_reply(code, message, request_id, name, self.config.hias.name,
+                                                        hashlib.sha256(job.message.payload).hexdigest())))
             self.counters.add("errors")
             self._finish(job)
             return
@@ -402,13 +405,16 @@ class ClassificationService:
                          to_default=to_default or code == "bad_response_topic")
 
     def _send_error(self, message: Inbound, code: str, text: str, request_id, name, on_acked,
-                    to_default: bool = False) -> None:
+                    to_default: bool = False, payload_sha256: str | None = None) -> None:
+        """The error reply on the request's reply topic; `payload_sha256` defaults to the message payload's."""
+        payload_sha256 = payload_sha256 or hashlib.sha256(message.payload).hexdigest()
         requested, correlation = protocol.reply_route(message.properties)
         topic = requested if requested and not to_default and self.topics.reply_allowed(requested) \
             else self.topics.diagnosis
         if request_id is None and correlation is not None and len(correlation) <= protocol.MAX_ID_CHARS:
             request_id = protocol.correlation_id(correlation)
-        self.session.publish(topic, protocol.error_reply(code, text, request_id, name, self.config.hias.name),
+        self.session.publish(topic, protocol.error_reply(code, text, request_id, name, self.config.hias.name,
+                                                         payload_sha256),
                              properties=publish_properties(correlation=correlation), on_acked=on_acked)
         self.counters.add("errors")
         log.warning("error id=%s name=%s code=%s message=%s", request_id, name, code, text)

@@ -31,7 +31,10 @@ _JPEG_START_OF_SCAN_MARKER = b"\xff\xda"  # never inside scan data (0xFF is stuf
 # Progressive decoding reads every scan over the whole image: a hostile 139 kB JPEG of 2,647 scans took 16 s
 # at 12 MP. libjpeg's progressive mode writes 10 scans; at this limit a 12 MP image costs about 0.4 s.
 MAX_JPEG_SCANS = 64
+MAX_JPEG_SEGMENTS = 256  # before the first scan (a camera writes about a dozen): 900,000 APP segments took 6 s, 254 MB
+MAX_PNG_COMPRESSED_METADATA = 16  # zTXt, iTXt, iCCP chunks: libpng inflates each (up to 8 MB), wherever it sits
 MAX_TILE_PIXELS = 1024 * 1024  # a TIFF tile may exceed a small image up to this; else no larger than the image
+_JPEG_FORMATS = {"JPEG", "MPO"}  # Pillow names a JPEG with a multi-picture segment MPO; OpenCV decodes it as a JPEG
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: markers without a length
 
 
@@ -57,7 +60,7 @@ class ImageLimits:
 class Header:
     """What an image's header says, read without decoding its pixels."""
 
-    width: int    # as shown: after the EXIF orientation's turn
+    width: int    # as stored (a decoder may turn it by its EXIF orientation: `decode` gives the size shown)
     height: int
     format: str
     animated: bool = False      # a second frame or page (GIF, APNG, WebP, TIFF): viewers show more than one
@@ -65,8 +68,7 @@ class Header:
     tile: tuple[int, int] | None = None  # a tiled TIFF's tile size
 
 
-_EXIF_ORIENTATION, _TURNED = 0x0112, {5, 6, 7, 8}  # orientations a quarter turn away from the stored pixels
-_ANIMATED_FORMATS = {"GIF", "PNG", "WEBP", "TIFF"}  # others' extra frames (MPO's, ICO's) are not what viewers show
+_ANIMATED_FORMATS = {"GIF", "PNG", "WEBP", "TIFF", "AVIF"}  # other formats' extra frames (MPO's) are not shown
 
 
 def _has_second_frame(img: Image.Image) -> bool:
@@ -90,10 +92,7 @@ def read_header(data: bytes) -> Header:
                 tags = getattr(img, "tag_v2", {})
                 tile = (int(tags[322]), int(tags[323])) if 322 in tags and 323 in tags else None
                 transparent = "A" in img.mode or "a" in img.mode or "transparency" in img.info
-                width, height = img.size
-                if img.format == "JPEG" and img.getexif().get(_EXIF_ORIENTATION) in _TURNED:  # OpenCV turns it too
-                    width, height = height, width
-                return Header(width, height, img.format or "unknown", _has_second_frame(img), transparent, tile)
+                return Header(img.width, img.height, img.format or "unknown", _has_second_frame(img), transparent, tile)
     except UnidentifiedImageError:
         raise ImageError("not_an_image", "not a recognised image format") from None
     except Exception as exc:  # noqa: BLE001 - hostile bytes make header parsers fail in many ways
@@ -121,15 +120,37 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
         at += 2 + length
 
 
-def _jpeg_complete(data: bytes) -> bool:
-    """The main image's scan data ends with an end-of-image marker (whatever follows it: phone "motion
-    photos" append a video). Segments before the scan are skipped by their lengths, so a complete
-    thumbnail inside EXIF does not count; scan data never holds FF D9 (0xFF is stuffed as FF 00).
-    OpenCV would otherwise decode a truncated file and fill the missing part with grey."""
-    for marker, at, length in _jpeg_segments(data):
+def _check_jpeg(data: bytes, width: int, height: int) -> None:
+    """Refuse a JPEG that is truncated, or costs more to decode than any encoder's output would.
+
+    The main image's scan data must end with an end-of-image marker (whatever follows it: phone "motion photos"
+    append a video). Segments before the scan are skipped by their lengths, so a complete thumbnail inside EXIF
+    does not count; scan data never holds FF D9 (0xFF is stuffed as FF 00). OpenCV would otherwise decode a
+    truncated file and fill the missing part with grey. Scans are counted up to that end."""
+    for count, (marker, at, length) in enumerate(_jpeg_segments(data)):
+        if count > MAX_JPEG_SEGMENTS:
+            raise ImageError("unsupported_image", f"JPEG of more than {MAX_JPEG_SEGMENTS} segments before its image data")
         if marker == _JPEG_START_OF_SCAN:
-            return data.find(_JPEG_END, at + 2 + length) != -1
-    return False
+            end = data.find(_JPEG_END, at + 2 + length)
+            if end == -1:
+                break
+            if (scans := data.count(_JPEG_START_OF_SCAN_MARKER, 0, end)) > MAX_JPEG_SCANS:
+                raise ImageError("unsupported_image", f"progressive JPEG of {scans} scans (at most {MAX_JPEG_SCANS} accepted)")
+            return
+    raise ImageError("not_an_image", f"truncated JPEG of {width}x{height}: no end-of-image marker")
+
+
+def _png_compressed_metadata(data: bytes) -> int:
+    """How many compressed metadata chunks (zTXt, iTXt, iCCP) a PNG holds, before and after its pixels; chunks
+    are walked by their lengths, nothing is inflated."""
+    count, at = 0, 8
+    while at + 8 <= len(data):
+        length, kind = int.from_bytes(data[at:at + 4], "big"), data[at + 4:at + 8]
+        count += kind in (b"zTXt", b"iTXt", b"iCCP")
+        if kind == b"IEND":
+            break
+        at += 12 + length
+    return count
 
 
 # libjpeg's standard luminance quantisation table (quality 50), in the zigzag order a DQT segment uses.
@@ -159,11 +180,16 @@ def jpeg_quality(data: bytes) -> int | None:
 
 def _opaque(data: bytes) -> bool:
     """Every pixel of the (first) frame is fully opaque (decodes the image: only for formats that carry
-    transparency)."""
+    transparency). A transparent colour key of a grey or colour image is refused unread: Pillow compares the
+    key with rescaled samples at 4 and 16 bit, where browsers show those pixels transparent."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
+                if "A" in img.mode or "a" in img.mode:
+                    return img.getchannel("A").getextrema()[0] == 255
+                if img.mode not in ("P", "PA"):
+                    return False  # a colour key
                 return img.convert("RGBA").getchannel("A").getextrema()[0] == 255
     except Exception:  # noqa: BLE001 - a transparency that cannot be checked is not served
         return False
@@ -175,11 +201,23 @@ def reduction_factor(width: int, height: int, target: int) -> int:
     return max((f for f in _REDUCED_FLAGS if short // f >= target), default=1)
 
 
+@dataclass(frozen=True)
+class Decoded:
+    tensor: np.ndarray              # size x size x 3 RGB float32 in [0, 1]
+    shown_size: tuple[int, int]     # (width, height) at full resolution, turned as the decoder turned it
+
+
 def preprocess(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     """Decode image bytes into a `size`x`size`x3 RGB float32 tensor in [0, 1].
 
     Raises `ImageError` for anything that is not an acceptable image.
     """
+    return decode(data, size, limits).tensor
+
+
+def decode(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> Decoded:
+    """`preprocess`, and the image's size as shown: decoders turn some images by their EXIF orientation
+    (JPEG, MPO, PNG and WebP, not every tag type), so it is read off the decoded pixels."""
     header = read_header(data)
     width, height, fmt = header.width, header.height, header.format
     if width * height > limits.max_pixels:
@@ -196,10 +234,11 @@ def preprocess(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> n
                                             f"{width}x{height} image (the decoder would allocate a whole tile)")
     if header.animated:
         raise ImageError("unsupported_image", f"{fmt} image of more than one frame or page: send one still image")
-    if fmt == "JPEG" and not _jpeg_complete(data):
-        raise ImageError("not_an_image", f"truncated JPEG of {width}x{height}: no end-of-image marker")
-    if fmt == "JPEG" and (scans := data.count(_JPEG_START_OF_SCAN_MARKER)) > MAX_JPEG_SCANS:
-        raise ImageError("unsupported_image", f"progressive JPEG of {scans} scans (at most {MAX_JPEG_SCANS} accepted)")
+    if fmt in _JPEG_FORMATS:
+        _check_jpeg(data, width, height)
+    if fmt == "PNG" and (chunks := _png_compressed_metadata(data)) > MAX_PNG_COMPRESSED_METADATA:
+        raise ImageError("unsupported_image", f"PNG of {chunks} compressed metadata chunks (at most "
+                                              f"{MAX_PNG_COMPRESSED_METADATA} accepted)")
     if header.transparent and not _opaque(data):
         raise ImageError("unsupported_image", f"{fmt} image with transparent pixels: send an opaque image")
     flag = _REDUCED_FLAGS[reduction_factor(width, height, size)]
@@ -212,8 +251,9 @@ def preprocess(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> n
     if bgr.dtype != np.uint8:  # some decoders keep 16-bit depth even with IMREAD_COLOR
         bgr = cv2.convertScaleAbs(bgr, alpha=255.0 / np.iinfo(bgr.dtype).max)
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    turned = width != height and (rgb.shape[0] > rgb.shape[1]) != (height > width)
     rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
-    return rgb.astype(np.float32) / np.float32(255.0)
+    return Decoded(rgb.astype(np.float32) / np.float32(255.0), (height, width) if turned else (width, height))
 
 
 def preprocess_file(path: str | Path, size: int, limits: ImageLimits = ImageLimits()) -> np.ndarray:

@@ -4,6 +4,7 @@ every error code, config errors, and a replay of real images."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def test_error_codes_then_keeps_serving(client, online, image, payload, code, re
     reply = client.expect_json(DIAGNOSIS, id=request_id)
     assert reply["error"]["code"] == code, reply
     assert reply["error"]["message"]
+    assert reply["payload_sha256"] == hashlib.sha256(payload).hexdigest()  # what a client checks it against
     client.publish(INFERENCE, image, correlation=b"good-after")
     assert client.expect_json(DIAGNOSIS, id="good-after")["diagnosis"] in ("Positive", "Negative")
 
@@ -218,9 +220,8 @@ def test_replay_keeps_only_answers_about_the_image_it_sent(broker, data_root, tm
     """Another requester may publish onto a replay's reply topic (it only has to learn the topic) an answer
     under a replayed id: every answer names the SHA-256 of the image it is about, and replay keeps only
     those about the image it sent. Here a forger answers each request first with a Positive about other
-    bytes, then the genuine-looking Negative about the sent ones; no agent runs."""
-    import hashlib
-
+    bytes, then the genuine-looking Negative about the sent ones; no agent runs. An error names the SHA-256 of
+    the payload it refuses: a forged error about other bytes is dropped too (it displaced the diagnosis)."""
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
@@ -230,8 +231,12 @@ def test_replay_keeps_only_answers_about_the_image_it_sent(broker, data_root, tm
 
     def answer(client, userdata, message):
         reply_to, correlation = message.properties.ResponseTopic, message.properties.CorrelationData
-        for sha256, diagnosis in (("0" * 64, "Positive"), (hashlib.sha256(message.payload).hexdigest(), "Negative")):
-            body = {"id": correlation.decode(), "sha256": sha256, "diagnosis": diagnosis, "reason": None}
+        request_id = correlation.decode()
+        for body in ({"id": request_id, "error": {"code": "not_an_image", "message": "forged"},
+                      "payload_sha256": hashlib.sha256(b"other bytes").hexdigest()},
+                     {"id": request_id, "sha256": "0" * 64, "diagnosis": "Positive", "reason": None},
+                     {"id": request_id, "sha256": hashlib.sha256(message.payload).hexdigest(), "diagnosis": "Negative",
+                      "reason": None}):
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation
             client.publish(reply_to, json.dumps(body), qos=1, properties=props)
@@ -247,7 +252,7 @@ def test_replay_keeps_only_answers_about_the_image_it_sent(broker, data_root, tm
     forger.close()
     report = json.loads((tmp_path / "r.json").read_text())
     assert [r["reply"]["diagnosis"] for r in report["results"]] == ["Negative"] * 5, result.stdout
-    assert report["foreign_answers"] == 5 and "5 answers about other images ignored" in result.stdout, result.stdout
+    assert report["foreign_answers"] == 10 and "10 answers about other images ignored" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("name", ["cellnet", "cellnet_standardised_subtype"])  # allds2020: tests/test_delivery.py

@@ -396,7 +396,9 @@ class StandIn:
         reply = Properties(PacketTypes.PUBLISH)
         reply.CorrelationData = props.CorrelationData
         forged = {**doc, "sha256": "0" * 64, "diagnosis": "Positive", "reason": None, "confidence": 0.999}
-        self.client.client.publish(props.ResponseTopic, json.dumps(forged), qos=1, properties=reply)
+        forged_error = {"id": doc["id"], "error": {"code": "busy", "message": "forged"}, "payload_sha256": "0" * 64}
+        for body in (forged_error, forged):
+            self.client.client.publish(props.ResponseTopic, json.dumps(body), qos=1, properties=reply)
         doc["sha256"] = hashlib.sha256(message.payload).hexdigest()
         self.client.client.publish(props.ResponseTopic, json.dumps(doc), qos=1, properties=reply)
 

@@ -98,8 +98,8 @@ def test_jpeg_bomb_and_truncation_are_refused(data_root):
 def test_jpeg_with_data_after_its_end_is_served(data_root):
     """Phone "motion photos" append a video after the JPEG's end marker; decoders read the image."""
     jpeg = (data_root / SAMPLE).read_bytes()
-    tail = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
-    assert b"\xff\xd9" in tail  # the appended data may even hold the end marker's bytes
+    tail = np.random.default_rng(0).integers(0, 256, 6_000_000, dtype=np.uint8).tobytes()
+    assert b"\xff\xd9" in tail and tail.count(b"\xff\xda") > 64  # end and scan markers' bytes, by chance
     np.testing.assert_array_equal(preprocess(jpeg + tail, 128), preprocess(jpeg, 128))
 
 
@@ -225,23 +225,91 @@ def test_images_that_are_not_one_opaque_still_are_refused():
         assert abs(float(x[..., 0].mean()) - 200 / 255) < 0.02, name
 
 
-def test_the_header_gives_the_size_a_viewer_shows_of_a_rotated_jpeg():
-    """A camera's EXIF Orientation turns the picture; OpenCV decodes it turned, and an explanation's heat map
-    (sized from the header) must be turned alike: it came out 224 x 150 over a 150 x 224 picture."""
+def _with_exif(fmt: str, orientation: int, wrap_mpo: bool = False) -> bytes:
     import io
 
     from PIL import Image
 
-    from model.preprocess import read_header
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((150, 224, 3), np.uint8)).save(out, fmt, exif=exif)
+    return with_mpf(out.getvalue()) if wrap_mpo else out.getvalue()
 
-    for orientation, shown in ((1, (224, 150)), (3, (224, 150)), (6, (150, 224)), (8, (150, 224))):
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        out = io.BytesIO()
-        Image.fromarray(np.zeros((150, 224, 3), np.uint8)).save(out, "JPEG", exif=exif)
-        header = read_header(out.getvalue())
-        decoded = cv2.imdecode(np.frombuffer(out.getvalue(), np.uint8), cv2.IMREAD_COLOR)
-        assert (header.width, header.height) == shown == decoded.shape[1::-1], orientation
+
+def test_decode_gives_the_size_a_viewer_shows_of_a_turned_image():
+    """A camera's EXIF Orientation turns the picture; OpenCV decodes it turned (for some formats and tag
+    types), and an explanation's heat map must be turned alike: sized from the header, it came out 224 x 150
+    over a 150 x 224 picture. The shown size is read off the decoded pixels, whatever the format."""
+    from model.preprocess import decode
+
+    cases = {"JPEG 1": _with_exif("JPEG", 1), "JPEG 3": _with_exif("JPEG", 3), "JPEG 6": _with_exif("JPEG", 6),
+             "JPEG 8": _with_exif("JPEG", 8), "MPO 6": _with_exif("JPEG", 6, wrap_mpo=True),
+             "PNG 6": _with_exif("PNG", 6), "WebP 6": _with_exif("WEBP", 6)}
+    for name, payload in cases.items():
+        decoded = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+        result = decode(payload, 128)
+        assert result.shown_size == decoded.shape[1::-1], name
+        np.testing.assert_array_equal(result.tensor, preprocess(payload, 128))
+
+
+def mpf_segment() -> bytes:
+    """The APP2 "MPF" segment of a two-image MPO, as Pillow writes it."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(out, "MPO", save_all=True, append_images=[Image.new("RGB", (16, 16))])
+    data = out.getvalue()
+    at = data.index(b"\xff\xe2\x00")
+    while data[at + 4:at + 8] != b"MPF\x00":
+        at = data.index(b"\xff\xe2", at + 2)
+    return data[at:at + 2 + int.from_bytes(data[at + 2:at + 4], "big")]
+
+
+def with_mpf(jpeg: bytes) -> bytes:
+    """A JPEG that Pillow opens as "MPO" (a phone's multi-picture format), the same image to OpenCV."""
+    return jpeg[:2] + mpf_segment() + jpeg[2:]
+
+
+def png(width: int, height: int, depth: int, colour: int, rows: bytes, *chunks: tuple[bytes, bytes],
+        after: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + b"".join(chunk(*c) for c in chunks)
+            + chunk(b"IDAT", zlib.compress(rows)) + b"".join(chunk(*c) for c in after) + chunk(b"IEND", b""))
+
+
+def test_what_slipped_past_the_first_checks_is_refused_too():
+    """A second hostile pass: the scan limit skipped JPEGs that Pillow names MPO (10,000 scans: 13 s); an
+    animated AVIF; grey PNGs whose tRNS colour key (4 and 16 bit) Pillow mis-scales, so Chromium shows them
+    transparent while they passed as opaque; 1,389 zTXt chunks after IDAT (libpng inflated 9.7 GB: 31 s);
+    900,000 APP segments (6 s, 254 MB)."""
+    grey_rows = lambda depth: b"".join(b"\x00" + bytes(64 * depth // 8) for _ in range(64))  # noqa: E731
+    text = zlib.compress(b"\x00" * 100_000)
+    smear = encode(np.full((64, 64, 3), 120, np.uint8), ".jpg")
+    app_stuffed = smear[:2] + b"".join(b"\xff\xe5\x00\x08APP5xx" for _ in range(2000)) + smear[2:]
+    refused = {
+        "MPO of 190 scans": with_mpf(progressive_jpeg()),
+        "animated AVIF": _pillow([np.full((64, 64, 3), 90, np.uint8), np.full((64, 64, 3), 200, np.uint8)], "AVIF"),
+        "4-bit grey PNG with a colour key": png(64, 64, 4, 0, grey_rows(4), (b"tRNS", b"\x00\x00")),
+        "16-bit grey PNG with a colour key": png(64, 64, 16, 0, grey_rows(16), (b"tRNS", b"\x00\x00")),
+        "PNG with 40 zTXt chunks after IDAT": png(64, 64, 8, 0, grey_rows(8),
+                                                  after=tuple((b"zTXt", b"k\x00\x00" + text) for _ in range(40))),
+        "JPEG of 2000 APP segments": app_stuffed,
+    }
+    for name, payload in refused.items():
+        with pytest.raises(ImageError) as info:
+            preprocess(payload, 32)
+        assert info.value.code == "unsupported_image", (name, info.value.message)
+    served = {"8-bit grey PNG with 3 zTXt chunks": png(64, 64, 8, 0, grey_rows(8),
+                                                        after=tuple((b"zTXt", b"k\x00\x00" + text) for _ in range(3))),
+              "MPO of one scan": with_mpf(smear)}
+    for name, payload in served.items():
+        assert preprocess(payload, 32).shape == (32, 32, 3), name
 
 
 def test_pixel_limit_is_configurable(data_root):

@@ -613,8 +613,10 @@
 
   function onOwnAnswer(topicKey, id, doc) {
     const req = state.requests.get(id);
-    if (req && req.sha256 && "diagnosis" in doc && doc.sha256 !== req.sha256) {
-      console.warn(`ignored an answer under id ${id} about another image (sha256 ${String(doc.sha256)})`);
+    // The console sends the image itself as the payload: a diagnosis names its SHA-256, an error the payload's.
+    const about = "diagnosis" in doc ? doc.sha256 : doc.payload_sha256;
+    if (req && req.sha256 && about !== req.sha256) {
+      console.warn(`ignored an answer under id ${id} about other bytes (sha256 ${String(about)})`);
       return;
     }
     if (typeof doc.device === "string" && req && req.target.kind === "pool") {
