@@ -49,7 +49,7 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2e6
 
 
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")  # and bidi
 
 
 class OneLineFormatter(logging.Formatter):

@@ -22,6 +22,7 @@ import tenacity
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import Broker
 
@@ -470,7 +471,10 @@ class MqttSession:
         self._had_session = self.persistent
         self._subscribing.clear()
         for subscribe_to, _, _ in self._subscriptions:
-            _, mid = client.subscribe(subscribe_to, qos=1)
+            # MQTT 5 Retain As Published: a message published retained keeps its flag when it arrives live, so a
+            # retained request or command is known as one at once, not only at the next connect
+            options = SubscribeOptions(qos=1, retainAsPublished=True) if self.v5 else None
+            _, mid = client.subscribe(subscribe_to, options=options) if options else client.subscribe(subscribe_to, qos=1)
             self._subscribing[mid] = subscribe_to
         self.connected.set()
         for callback in self._on_connected:

@@ -91,6 +91,10 @@ def test_a_retained_request_is_refused_not_diagnosed_on_every_connect(broker, cl
         served(client, image, f"after-retained-{attempt}")
         assert agent.terminate() == 0
         agent.start()
+    online(client)
+    client.publish(INFERENCE, image, correlation=b"retained-live", retain=True)  # while the agent is connected
+    reply = client.expect_json(DIAGNOSIS, id="retained-live")
+    assert reply["error"]["code"] == "retained_request", reply  # MQTT 5: the agent subscribes Retain As Published
     assert "request id=retained-request" not in agent.log()  # never diagnosed, never a Sensors record
 
 
@@ -99,7 +103,7 @@ def test_a_request_cannot_write_lines_of_its_own_into_the_agent_log(broker, clie
     "ERROR allds.agent unhealthy") that an operator or a log shipper reads as the agent's."""
     agent = start_agent(broker.port)
     online(client)
-    forged = "x\n2026-12-02 01:02:03,456 INFO allds.service request id=forged-line diagnosis=Positive\r\u2028"
+    forged = "x\n2026-12-02 01:02:03,456 INFO allds.service request id=forged-line diagnosis=Positive\r\u2028\u202e"
     client.publish(INFERENCE, image, correlation=forged.encode())
     client.expect_json(DIAGNOSIS, id=forged)
     envelope = json.dumps({"id": "y\nERROR allds.agent unhealthy", "name": "z\x1b[2Jname",
@@ -108,7 +112,7 @@ def test_a_request_cannot_write_lines_of_its_own_into_the_agent_log(broker, clie
     client.expect_json(DIAGNOSIS, id="y\nERROR allds.agent unhealthy")
     lines = agent.log().splitlines()
     assert not [line for line in lines if line.startswith(("2026-12-02 01:02:03", "ERROR allds.agent"))], lines[-6:]
-    assert "\x1b" not in agent.log() and "\u2028" not in agent.log()
+    assert "\x1b" not in agent.log() and "\u2028" not in agent.log() and "\u202e" not in agent.log()  # bidi: reorders
     assert "x\\n2026-12-02 01:02:03,456" in agent.log()  # written, escaped
 
 
