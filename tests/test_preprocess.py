@@ -305,6 +305,13 @@ def test_what_slipped_past_the_first_checks_is_refused_too():
         with pytest.raises(ImageError) as info:
             preprocess(payload, 32)
         assert info.value.code == "unsupported_image", (name, info.value.message)
+    from unittest import mock
+
+    from PIL import Image
+
+    with mock.patch("model.preprocess.Image.open", wraps=Image.open) as opened, pytest.raises(ImageError):
+        preprocess(app_stuffed, 32)
+    assert not opened.called  # refused before Pillow keeps every APP segment (900,000: 3 s, 250 MB)
     served = {"8-bit grey PNG with 3 zTXt chunks": png(64, 64, 8, 0, grey_rows(8),
                                                         after=tuple((b"zTXt", b"k\x00\x00" + text) for _ in range(3))),
               "MPO of one scan": with_mpf(smear)}
