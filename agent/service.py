@@ -45,6 +45,7 @@ class Job:
     request: protocol.Request | None = None
     tensor: np.ndarray | None = None
     shown_size: tuple[int, int] = (0, 0)  # (width, height) of the image as decoded, for an explanation
+    payload_sha256: str = ""  # named by an error reply (hashed on a decoder, not on the network thread)
     decode_ms: float = 0.0
     jpeg_quality: int | None = None  # the gate refuses heavily compressed JPEGs, which the tensor cannot show
     respond: Callable[[dict], None] | None = None  # a local (HTTP) request: the answer goes here, not to MQTT
@@ -253,6 +254,7 @@ class ClassificationService:
 
     def _decode(self, job: Job) -> None:
         start = time.perf_counter()
+        job.payload_sha256 = hashlib.sha256(job.message.payload).hexdigest()
         try:
             job.request = protocol.parse_request(job.message.payload, job.message.properties,
                                                  self.config.inference.max_payload_bytes)
@@ -397,16 +399,17 @@ class ClassificationService:
             self.metrics.answered(code, time.perf_counter() - job.received)
         if job.respond:
             job.respond(json.loads(protocol.error_reply(code, message, request_id, name, self.config.hias.name,
-                                                        hashlib.sha256(job.message.payload).hexdigest())))
+                                                        job.payload_sha256)))
             self.counters.add("errors")
             self._finish(job)
             return
         self._send_error(job.message, code, message, request_id, name, on_acked=lambda _: self._finish(job),
-                         to_default=to_default or code == "bad_response_topic")
+                         to_default=to_default or code == "bad_response_topic", payload_sha256=job.payload_sha256)
 
     def _send_error(self, message: Inbound, code: str, text: str, request_id, name, on_acked,
                     to_default: bool = False, payload_sha256: str | None = None) -> None:
-        """The error reply on the request's reply topic; `payload_sha256` defaults to the message payload's."""
+        """The error reply on the request's reply topic; `payload_sha256` defaults to the message payload's (a
+        command's, or a `busy` request's: hashed here, on the network thread, at about 1 ms a MB)."""
         payload_sha256 = payload_sha256 or hashlib.sha256(message.payload).hexdigest()
         requested, correlation = protocol.reply_route(message.properties)
         topic = requested if requested and not to_default and self.topics.reply_allowed(requested) \

@@ -63,29 +63,38 @@ class Header:
     width: int    # as stored (a decoder may turn it by its EXIF orientation: `decode` gives the size shown)
     height: int
     format: str
-    animated: bool = False      # a second frame or page (GIF, APNG, WebP, TIFF): viewers show more than one
+    animated: bool = False      # a second frame or page (GIF, APNG, WebP, TIFF, AVIF): viewers show more than one
     transparent: bool = False   # an alpha channel or a transparent colour
     tile: tuple[int, int] | None = None  # a tiled TIFF's tile size
 
 
 _ANIMATED_FORMATS = {"GIF", "PNG", "WEBP", "TIFF", "AVIF"}  # other formats' extra frames (MPO's) are not shown
+_TIFF_NEW_SUBFILE_TYPE, _MAX_TIFF_PAGES = 254, 16  # bit 0: a reduced-resolution page (a preview)
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
 def _has_second_frame(img: Image.Image) -> bool:
-    if img.format not in _ANIMATED_FORMATS:
+    """A second frame, or a second full-resolution page (a TIFF's reduced-resolution previews do not count)."""
+    if img.format not in _ANIMATED_FORMATS or not getattr(img, "is_animated", False):
         return False
-    try:
-        img.seek(1)
-    except EOFError:
-        return False
+    if img.format != "TIFF":
+        return True
+    for page in range(1, _MAX_TIFF_PAGES):
+        try:
+            img.seek(page)
+        except EOFError:
+            return False
+        if not int(img.tag_v2.get(_TIFF_NEW_SUBFILE_TYPE, 0)) & 1:
+            return True
     return True
 
 
-def read_header(data: bytes) -> Header:
-    """The image's header, without decoding the pixels."""
+def read_header(data: bytes, max_pixels: int | None = None) -> Header:
+    """The image's header, without decoding the pixels. Frames are looked for only within `max_pixels` (Pillow
+    decodes a GIF's first frame to find the second: a 10,000 x 10,000 two-frame PNG took 765 MB)."""
     if not data:
         raise ImageError("empty_payload", "the payload is empty")
-    if data[:2] == b"\xff\xd8" and any(n > MAX_JPEG_SEGMENTS for n, _ in enumerate(_jpeg_segments(data))):
+    if data[:2] == b"\xff\xd8" and any(n >= MAX_JPEG_SEGMENTS for n, _ in enumerate(_jpeg_segments(data))):
         # before Pillow reads them all (it keeps every APP segment: 900,000 took 3 s and 250 MB)
         raise ImageError("unsupported_image", f"JPEG of more than {MAX_JPEG_SEGMENTS} segments before its image data")
     try:
@@ -94,8 +103,10 @@ def read_header(data: bytes) -> Header:
             with Image.open(io.BytesIO(data)) as img:
                 tags = getattr(img, "tag_v2", {})
                 tile = (int(tags[322]), int(tags[323])) if 322 in tags and 323 in tags else None
-                transparent = "A" in img.mode or "a" in img.mode or "transparency" in img.info
-                return Header(img.width, img.height, img.format or "unknown", _has_second_frame(img), transparent, tile)
+                transparent = img.mode in _ALPHA_MODES or "transparency" in img.info
+                probe = max_pixels is None or img.width * img.height <= max_pixels
+                return Header(img.width, img.height, img.format or "unknown", probe and _has_second_frame(img),
+                              transparent, tile)
     except UnidentifiedImageError:
         raise ImageError("not_an_image", "not a recognised image format") from None
     except Exception as exc:  # noqa: BLE001 - hostile bytes make header parsers fail in many ways
@@ -135,7 +146,7 @@ def _check_jpeg(data: bytes, width: int, height: int) -> None:
             end = data.find(_JPEG_END, at + 2 + length)
             if end == -1:
                 break
-            if (scans := data.count(_JPEG_START_OF_SCAN_MARKER, 0, end)) > MAX_JPEG_SCANS:
+            if (scans := data.count(_JPEG_START_OF_SCAN_MARKER, at, end)) > MAX_JPEG_SCANS:
                 raise ImageError("unsupported_image", f"progressive JPEG of {scans} scans (at most {MAX_JPEG_SCANS} accepted)")
             return
     raise ImageError("not_an_image", f"truncated JPEG of {width}x{height}: no end-of-image marker")
@@ -187,7 +198,7 @@ def _opaque(data: bytes) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
-                if "A" in img.mode or "a" in img.mode:
+                if img.mode in _ALPHA_MODES and img.mode != "PA":
                     return img.getchannel("A").getextrema()[0] == 255
                 if img.mode not in ("P", "PA"):
                     return False  # a colour key
@@ -219,7 +230,7 @@ def preprocess(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> n
 def decode(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> Decoded:
     """`preprocess`, and the image's size as shown: decoders turn some images by their EXIF orientation
     (JPEG, MPO, PNG and WebP, not every tag type), so it is read off the decoded pixels."""
-    header = read_header(data)
+    header = read_header(data, limits.max_pixels)
     width, height, fmt = header.width, header.height, header.format
     if width * height > limits.max_pixels:
         raise ImageError("image_too_large",
@@ -242,7 +253,8 @@ def decode(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> Decod
                                               f"{MAX_PNG_COMPRESSED_METADATA} accepted)")
     if header.transparent and not _opaque(data):
         raise ImageError("unsupported_image", f"{fmt} image with transparent pixels: send an opaque image")
-    flag = _REDUCED_FLAGS[reduction_factor(width, height, size)]
+    factor = reduction_factor(width, height, size)
+    flag = _REDUCED_FLAGS[factor]
     try:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error:
@@ -252,7 +264,8 @@ def decode(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> Decod
     if bgr.dtype != np.uint8:  # some decoders keep 16-bit depth even with IMREAD_COLOR
         bgr = cv2.convertScaleAbs(bgr, alpha=255.0 / np.iinfo(bgr.dtype).max)
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    turned = width != height and (rgb.shape[0] > rgb.shape[1]) != (height > width)
+    stored = (-(-height // factor), -(-width // factor))  # the decoded (rows, columns) of an unturned image
+    turned = rgb.shape[:2] != stored and rgb.shape[:2] == stored[::-1]
     rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
     return Decoded(rgb.astype(np.float32) / np.float32(255.0), (height, width) if turned else (width, height))
 

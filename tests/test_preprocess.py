@@ -23,13 +23,15 @@ def encode(image: np.ndarray, ext: str = ".png", params: list[int] | None = None
     return buf.tobytes()
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A tiny PNG whose header declares width x height (a decompression bomb's shape)."""
+def png_declaring(width: int, height: int, frames: int = 1) -> bytes:
+    """A tiny PNG whose header declares width x height (a decompression bomb's shape), and `frames` frames."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    animation = chunk(b"acTL", struct.pack(">II", frames, 0)) if frames > 1 else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + animation + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
 
 
 def jpeg_declaring(jpeg: bytes, width: int, height: int) -> bytes:
@@ -76,6 +78,7 @@ def test_reduced_decode_of_a_large_field(data_root):
     (b"", "empty_payload"),
     (b"definitely not an image", "not_an_image"),
     (png_declaring(60000, 60000), "image_too_large"),
+    (png_declaring(60000, 60000, frames=2), "image_too_large"),  # Pillow would decode frame 1 to find frame 2
     (encode(np.zeros((1, 1, 3), np.uint8)), "image_too_small"),
     (encode(np.zeros((10, 4000, 3), np.uint8)), "bad_aspect_ratio"),
 ])
@@ -317,6 +320,53 @@ def test_what_slipped_past_the_first_checks_is_refused_too():
               "MPO of one scan": with_mpf(smear)}
     for name, payload in served.items():
         assert preprocess(payload, 32).shape == (32, 32, 3), name
+
+
+def two_page_tiff(second_page_subfile_type: int) -> bytes:
+    """An uncompressed 8 x 8 RGB TIFF of two pages; the second page's NewSubfileType (1: a reduced-resolution
+    preview, as scanners and slide cameras write)."""
+    def page(at: int, subfile_type: int, last: bool) -> tuple[bytes, int]:
+        tags = [(254, 4, subfile_type), (256, 4, 8), (257, 4, 8), (258, 3, None), (259, 3, 1), (262, 3, 2),
+                (273, 4, None), (277, 3, 3), (278, 4, 8), (279, 4, 192)]
+        bits_at = at + 2 + 12 * len(tags) + 4
+        pixels_at = bits_at + 6
+        ifd = struct.pack("<H", len(tags))
+        for tag, kind, value in tags:
+            value = {258: bits_at, 273: pixels_at}.get(tag, value)
+            count = 3 if tag == 258 else 1
+            packed = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
+            ifd += struct.pack("<HHI", tag, kind, count) + packed
+        end = pixels_at + 192
+        return ifd + struct.pack("<I", 0 if last else end) + struct.pack("<HHH", 8, 8, 8) + bytes([120, 60, 90] * 64), end
+
+    first, second_at = page(8, 0, False)
+    second, _ = page(second_at, second_page_subfile_type, True)
+    return b"II*\x00" + struct.pack("<I", 8) + first + second
+
+
+def test_legitimate_files_the_first_checks_refused_are_served(data_root):
+    """Review of the hardening: a TIFF whose second page is a reduced-resolution preview, a CIELab TIFF (its
+    a* band is not alpha), a baseline JPEG whose APP2 data holds FF DA byte pairs (not scans); and the shown
+    size of a near-square image decoded at a reduced size is not taken for turned."""
+    import io
+
+    from PIL import Image
+
+    from model.preprocess import decode
+
+    with pytest.raises(ImageError) as info:
+        preprocess(two_page_tiff(0), 32)
+    assert info.value.code == "unsupported_image"
+    lab = io.BytesIO()
+    Image.new("LAB", (32, 32), (50, 10, 20)).save(lab, "TIFF")
+    smear = (data_root / SAMPLE).read_bytes()
+    app2 = b"ICC_PROFILE\x00" + b"\xff\xda" * 70
+    with_app2 = smear[:2] + b"\xff\xe2" + (len(app2) + 2).to_bytes(2, "big") + app2 + smear[2:]
+    for name, payload in {"TIFF with a preview page": two_page_tiff(1), "CIELab TIFF": lab.getvalue(),
+                          "JPEG with FF DA inside APP2": with_app2}.items():
+        assert preprocess(payload, 32).shape == (32, 32, 3), name
+    near_square = encode(np.full((1000, 999, 3), 128, np.uint8), ".jpg")
+    assert decode(near_square, 100).shown_size == (999, 1000)  # decoded at 1/8: 125 x 125
 
 
 def test_pixel_limit_is_configurable(data_root):
