@@ -359,7 +359,8 @@ class ClassificationService:
 
     def _reply(self, job: Job, diagnosis: Diagnosis, model: dict, inference_ms: float, batch_size: int) -> None:
         req = job.request
-        explanation = self._explain(job) if req.explain else None
+        # a gate refusal is not read by the network: no heat map of it (and no tenfold work for a hostile request)
+        explanation = self._explain(job) if req.explain and diagnosis.reason in (None, "borderline") else None
         total_ms = (time.perf_counter() - job.received) * 1000
         body = protocol.diagnosis_reply(req, diagnosis, model,
                                         {"decode": job.decode_ms, "inference": inference_ms, "total": total_ms},

@@ -286,7 +286,8 @@ def test_dropped_images_show_the_agents_answers(site, browser, screens):
 
 def test_blank_image_shows_what_the_agent_answered_and_its_reason(site, browser, screens, tmp_path):
     """A blank white frame picked with the file input: the agent answers Indeterminate (reason
-    overexposed) with a heat map, and the page shows what the agent answered, reason included."""
+    overexposed; a gate refusal carries no heat map), and the page shows what the agent answered, reason
+    included."""
     blank = blank_png(tmp_path / "blank-white.png")
     open_tab(browser, "classify")
     browser.find_element("id", "files").send_keys(str(blank))

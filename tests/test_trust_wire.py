@@ -87,6 +87,13 @@ def test_explanation_is_a_png_of_the_image_size(client, agent, data_root):
     assert "png" in client.expect_json(DIAGNOSIS, id="explain-env")["explanation"]
     client.publish(INFERENCE, image, correlation=b"no-explain")
     assert "explanation" not in client.expect_json(DIAGNOSIS, id="no-explain")
+    # An image the gate refused is not read by the network: no heat map of it (a 46 kB request drew an 876 kB
+    # answer and ten times the work of one without).
+    blank = cv2.imencode(".png", np.full((1200, 1600, 3), 255, np.uint8))[1].tobytes()
+    client.publish(INFERENCE, blank, correlation=b"explain-refused", user=[("explain", "1")])
+    refused = client.expect_json(DIAGNOSIS, id="explain-refused")
+    assert refused["diagnosis"] == "Indeterminate" and refused["reason"] == "overexposed", refused
+    assert "explanation" not in refused
 
 
 def test_served_model_floors_on_what_it_answers_over_the_wire(client, agent, data_root, tmp_path):
