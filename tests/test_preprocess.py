@@ -23,15 +23,20 @@ def encode(image: np.ndarray, ext: str = ".png", params: list[int] | None = None
     return buf.tobytes()
 
 
-def png_declaring(width: int, height: int, frames: int = 1) -> bytes:
-    """A tiny PNG whose header declares width x height (a decompression bomb's shape), and `frames` frames."""
+def png(width: int, height: int, depth: int, colour: int, rows: bytes, *chunks: tuple[bytes, bytes],
+        after: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    animation = chunk(b"acTL", struct.pack(">II", frames, 0)) if frames > 1 else b""
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + animation + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + b"".join(chunk(*c) for c in chunks)
+            + chunk(b"IDAT", zlib.compress(rows)) + b"".join(chunk(*c) for c in after) + chunk(b"IEND", b""))
+
+
+def png_declaring(width: int, height: int, frames: int = 1) -> bytes:
+    """A tiny PNG whose header declares width x height (a decompression bomb's shape), and `frames` frames."""
+    animation = ((b"acTL", struct.pack(">II", frames, 0)),) if frames > 1 else ()
+    return png(width, height, 8, 2, b"\0" * 64, *animation)
 
 
 def jpeg_declaring(jpeg: bytes, width: int, height: int) -> bytes:
@@ -274,16 +279,6 @@ def mpf_segment() -> bytes:
 def with_mpf(jpeg: bytes) -> bytes:
     """A JPEG that Pillow opens as "MPO" (a phone's multi-picture format), the same image to OpenCV."""
     return jpeg[:2] + mpf_segment() + jpeg[2:]
-
-
-def png(width: int, height: int, depth: int, colour: int, rows: bytes, *chunks: tuple[bytes, bytes],
-        after: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + b"".join(chunk(*c) for c in chunks)
-            + chunk(b"IDAT", zlib.compress(rows)) + b"".join(chunk(*c) for c in after) + chunk(b"IEND", b""))
 
 
 def test_what_slipped_past_the_first_checks_is_refused_too():
