@@ -213,6 +213,17 @@ def reduction_factor(width: int, height: int, target: int) -> int:
     return max((f for f in _REDUCED_FLAGS if short // f >= target), default=1)
 
 
+_JPEG_FILL = 128  # libjpeg decodes a block it got no data for (all coefficients zero) as mid-grey
+
+
+def _ends_in_fill(bgr: np.ndarray, factor: int) -> bool:
+    """The decoded JPEG's last row ends in libjpeg's grey fill (over 16 px at full scale, 4 px at an eighth)
+    while the image is not all grey: its scan data stopped early and an end marker followed (a cut file with
+    FF D9 added back decodes without error). A real capture has sensor noise; a uniform grey frame is the
+    gate's to refuse. Only the last row is read: chroma upsampling blends the rows above the cut."""
+    return bool((bgr[-1, -max(4, 16 // factor):] == _JPEG_FILL).all() and (bgr != _JPEG_FILL).any())
+
+
 @dataclass(frozen=True)
 class Decoded:
     tensor: np.ndarray              # size x size x 3 RGB float32 in [0, 1]
@@ -261,6 +272,9 @@ def decode(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> Decod
         bgr = None
     if bgr is None or bgr.size == 0:
         raise ImageError("not_an_image", f"{fmt} image of {width}x{height} could not be decoded")
+    if fmt in _JPEG_FORMATS and _ends_in_fill(bgr, factor):
+        raise ImageError("not_an_image", f"JPEG of {width}x{height} whose data stops before its last blocks (they "
+                                         "decode as libjpeg's mid-grey fill): send the whole file")
     if bgr.dtype != np.uint8:  # some decoders keep 16-bit depth even with IMREAD_COLOR
         bgr = cv2.convertScaleAbs(bgr, alpha=255.0 / np.iinfo(bgr.dtype).max)
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -122,6 +122,28 @@ def test_truncated_jpeg_is_refused_even_with_a_complete_thumbnail_inside(data_ro
     assert info.value.code == "not_an_image"
 
 
+@pytest.mark.parametrize("kept", [0.3, 0.9, 0.97])
+@pytest.mark.parametrize("side", [224, 2000])  # decoded whole, and reduced to an eighth
+def test_a_jpeg_cut_short_and_given_an_end_marker_is_refused(data_root, kept, side):
+    """libjpeg decodes a scan that stops early and fills the blocks it did not get with mid-grey; the end marker
+    a transfer or a hostile sender adds back hides the cut from the end-of-image check. Two benign smears missing
+    15 of 224 rows were answered Negative."""
+    cell = cv2.resize(cv2.imread(str(data_root / SAMPLE)), (side, side * 4 // 5), interpolation=cv2.INTER_CUBIC)
+    jpeg = encode(cell, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert preprocess(jpeg, 128).shape == (128, 128, 3)
+    with pytest.raises(ImageError) as info:
+        preprocess(jpeg[: int(len(jpeg) * kept)] + b"\xff\xd9", 128)
+    assert info.value.code == "not_an_image" and "grey" in info.value.message
+
+
+def test_mid_grey_in_a_whole_jpeg_is_not_taken_for_a_cut():
+    """A uniformly grey frame is the gate's to refuse (blank); grey at the top of a frame is image content."""
+    assert preprocess(encode(np.full((64, 64, 3), 128, np.uint8), ".jpg"), 64).shape == (64, 64, 3)
+    top_grey = np.full((64, 64, 3), 200, np.uint8)
+    top_grey[:32] = 128
+    assert preprocess(encode(top_grey, ".jpg"), 64).shape == (64, 64, 3)
+
+
 @pytest.mark.parametrize("image", [
     np.full((64, 64), 128, np.uint8),  # 1 channel
     np.full((64, 64, 4), 255, np.uint8),  # opaque alpha
