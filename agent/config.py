@@ -136,7 +136,7 @@ class Inference:
     max_pixels: int = key(12_000_000, "Largest image (width x height, read from the header) accepted; formats "
                                       "without a reduced decode (PNG, TIFF) cost 3 bytes a pixel per decode worker "
                                       "(bench/memory.py).", minimum=1)
-    min_side_px: int = key(8, "Smallest image side accepted.", minimum=1)
+    min_side_px: int = key(48, "Smallest image side accepted (smaller smears are misread: docs/trust.md).", minimum=1)
     max_aspect_ratio: float = key(20.0, "Largest long/short side ratio accepted.", minimum=1)
     max_inflight: int = key(8, "Requests held at once (MQTT 5 Receive Maximum). The agent also holds at most this "
                                "many times `max_payload_bytes` of request payloads, whatever the broker lets through "

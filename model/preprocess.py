@@ -52,7 +52,7 @@ class ImageLimits:
     """What an accepted image may be; the agent's config fills these in."""
 
     max_pixels: int = 50_000_000
-    min_side: int = 8
+    min_side: int = 48  # smaller smears are misread (docs/trust.md, "Images too small to read")
     max_aspect_ratio: float = 20.0
 
 

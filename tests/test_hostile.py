@@ -26,7 +26,7 @@ def test_hostile_payload_suite(broker, client, start_agent, data_root):
         "png-bomb": (png_declaring(60000, 60000), "image_too_large"),
         "jpeg-bomb": (jpeg_declaring(jpeg, 60000, 60000), "image_too_large"),
         "one-pixel": (encode(np.zeros((1, 1, 3), np.uint8)), "image_too_small"),
-        "sliver": (encode(np.zeros((8, 3000, 3), np.uint8)), "bad_aspect_ratio"),
+        "sliver": (encode(np.zeros((48, 3000, 3), np.uint8)), "bad_aspect_ratio"),
         "huge-envelope": (b'{"id": "x", "image": "' + b"A" * OVER_LIMIT + b'"}', "payload_too_large"),
         "not-utf8-json": (b'{"id": "\xff\xfe", "image": ""}', "bad_json"),
     }

@@ -85,7 +85,7 @@ def test_reduced_decode_of_a_large_field(data_root):
     (png_declaring(60000, 60000), "image_too_large"),
     (png_declaring(60000, 60000, frames=2), "image_too_large"),  # Pillow would decode frame 1 to find frame 2
     (encode(np.zeros((1, 1, 3), np.uint8)), "image_too_small"),
-    (encode(np.zeros((10, 4000, 3), np.uint8)), "bad_aspect_ratio"),
+    (encode(np.zeros((48, 4000, 3), np.uint8)), "bad_aspect_ratio"),
 ])
 def test_refusals(payload, code):
     with pytest.raises(ImageError) as info:
@@ -339,12 +339,12 @@ def test_what_slipped_past_the_first_checks_is_refused_too():
         assert preprocess(payload, 32).shape == (32, 32, 3), name
 
 
-def two_page_tiff(second_page_subfile_type: int) -> bytes:
-    """An uncompressed 8 x 8 RGB TIFF of two pages; the second page's NewSubfileType (1: a reduced-resolution
+def two_page_tiff(second_page_subfile_type: int, side: int = 48) -> bytes:
+    """An uncompressed `side` x `side` RGB TIFF of two pages; the second page's NewSubfileType (1: a reduced-resolution
     preview, as scanners and slide cameras write)."""
     def page(at: int, subfile_type: int, last: bool) -> tuple[bytes, int]:
-        tags = [(254, 4, subfile_type), (256, 4, 8), (257, 4, 8), (258, 3, None), (259, 3, 1), (262, 3, 2),
-                (273, 4, None), (277, 3, 3), (278, 4, 8), (279, 4, 192)]
+        tags = [(254, 4, subfile_type), (256, 4, side), (257, 4, side), (258, 3, None), (259, 3, 1), (262, 3, 2),
+                (273, 4, None), (277, 3, 3), (278, 4, side), (279, 4, 3 * side * side)]
         bits_at = at + 2 + 12 * len(tags) + 4
         pixels_at = bits_at + 6
         ifd = struct.pack("<H", len(tags))
@@ -353,8 +353,9 @@ def two_page_tiff(second_page_subfile_type: int) -> bytes:
             count = 3 if tag == 258 else 1
             packed = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
             ifd += struct.pack("<HHI", tag, kind, count) + packed
-        end = pixels_at + 192
-        return ifd + struct.pack("<I", 0 if last else end) + struct.pack("<HHH", 8, 8, 8) + bytes([120, 60, 90] * 64), end
+        end = pixels_at + 3 * side * side
+        pixels = bytes([120, 60, 90] * side * side)
+        return ifd + struct.pack("<I", 0 if last else end) + struct.pack("<HHH", 8, 8, 8) + pixels, end
 
     first, second_at = page(8, 0, False)
     second, _ = page(second_at, second_page_subfile_type, True)
@@ -375,7 +376,7 @@ def test_legitimate_files_the_first_checks_refused_are_served(data_root):
         preprocess(two_page_tiff(0), 32)
     assert info.value.code == "unsupported_image"
     lab = io.BytesIO()
-    Image.new("LAB", (32, 32), (50, 10, 20)).save(lab, "TIFF")
+    Image.new("LAB", (48, 48), (50, 10, 20)).save(lab, "TIFF")
     smear = (data_root / SAMPLE).read_bytes()
     app2 = b"ICC_PROFILE\x00" + b"\xff\xda" * 70
     with_app2 = smear[:2] + b"\xff\xe2" + (len(app2) + 2).to_bytes(2, "big") + app2 + smear[2:]
