@@ -84,17 +84,49 @@ def served_band(val_labels: np.ndarray, p_val: np.ndarray, test_labels: np.ndarr
             "answered": binary_metrics(test_labels[answered], p_test[answered] >= high) if answered.any() else None}
 
 
+def _spread(values: list[float]) -> dict:
+    """Mean and sample sd (a single value has sd 0)."""
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def _with_ci(hits: int, n: int) -> tuple[float, list[float]]:
+    return hits / max(n, 1), list(wilson(hits, n))
+
+
+def pooled(results: list[dict]) -> dict:
+    """Each repeat's folds pooled (its test parts hold every image once): per variant the seed-0 counts, with
+    sensitivity, specificity (Wilson 95 %, images as units) and balanced accuracy; and Early pre-B, counted from
+    each fold's stored colour P(ALL) at its threshold."""
+    out = {}
+    for repeat in sorted({r["repeat"] for r in results}):
+        folds = [r for r in results if r["repeat"] == repeat]
+        entry = {"folds": len(folds)}
+        for variant in folds[0]["protocol"]:
+            counts = {k: sum(f["protocol"][variant]["seed0"][k] for f in folds) for k in ("tp", "fn", "tn", "fp")}
+            sensitivity, sensitivity_ci = _with_ci(counts["tp"], counts["tp"] + counts["fn"])
+            specificity, specificity_ci = _with_ci(counts["tn"], counts["tn"] + counts["fp"])
+            entry[variant] = {**counts, "sensitivity": sensitivity, "sensitivity_ci95": sensitivity_ci,
+                              "specificity": specificity, "specificity_ci95": specificity_ci,
+                              "balanced_accuracy": (sensitivity + specificity) / 2}
+        early = [p >= f["threshold"] for f in folds for path, p in zip(f["test_paths"], f["p_all_colour"], strict=True)
+                 if path.startswith("Early/")]
+        sensitivity, ci = _with_ci(sum(early), len(early))
+        entry["early"] = {"hits": sum(early), "n": len(early), "sensitivity": sensitivity, "sensitivity_ci95": ci}
+        out[str(repeat)] = entry
+    return out
+
+
 def summary(results: list[dict]) -> dict:
-    """Mean and sd over folds of each seed-0 metric per variant (and of the per-fold min over seeds), and the
-    served band's figures pooled over the folds that estimated it, with the share of each class it leaves borderline."""
+    """Mean and sample sd over folds of each seed-0 metric per variant (and of the per-fold min over seeds), each
+    repeat's folds pooled (`pooled`), and the served band's figures pooled over the folds that estimated it, with
+    the share of each class it leaves borderline."""
     out = {"folds": len(results)}
     for variant in results[0]["protocol"]:
         entries = [r["protocol"][variant] for r in results]
-        out[variant] = {k: {"mean": float(np.mean([e["seed0"][k] for e in entries])),
-                            "sd": float(np.std([e["seed0"][k] for e in entries]))} for k in KEYS}
-        out[variant]["balanced_accuracy_min_over_seeds"] = {
-            "mean": float(np.mean([e["seeds"]["balanced_accuracy"]["min"] for e in entries])),
-            "sd": float(np.std([e["seeds"]["balanced_accuracy"]["min"] for e in entries]))}
+        out[variant] = {k: _spread([e["seed0"][k] for e in entries]) for k in KEYS}
+        out[variant]["balanced_accuracy_min_over_seeds"] = _spread([e["seeds"]["balanced_accuracy"]["min"] for e in entries])
+    if all("test_paths" in r for r in results):
+        out["pooled"] = pooled(results)
     bands = {f"{r['repeat']}-{r['fold']}": r["served_band"] for r in results if "served_band" in r}
     if bands:  # folds run before the band was estimated have none; counts pooled over those that have it
         counts = {k: sum((b["answered"] or {}).get(k, 0) for b in bands.values()) for k in ("tp", "fn", "tn", "fp")}

@@ -121,3 +121,37 @@ def test_the_cv_summary_pools_the_band_over_the_folds_that_estimated_it():
     assert out["sensitivity_ci95"][0] < 129 / 130 < out["sensitivity_ci95"][1]
     assert out["benign_borderline"] == 25 - 20 + 25 - 20 + 25 and out["benign_borderline_share"] == pytest.approx(35 / 75)
     assert out["all_borderline"] == 75 - 70 + 75 - 60 + 75 and out["all_borderline_share"] == pytest.approx(95 / 225)
+
+
+def test_the_cv_summary_gives_the_sample_sd_and_each_repeats_pooled_counts_with_intervals():
+    """Over folds the sd is the sample sd (five folds of 0.95, 0.97, 0.98, 0.99, 0.94: 0.0207, where the
+    population sd, 0.0185, would pass a target of 0.02). Each repeat's test parts hold every image once, so its
+    counts pool into one figure with a Wilson interval; Early pre-B's are counted from each fold's stored P(ALL)."""
+    from model.calibration import wilson
+    from model.cv import summary
+
+    def fold(repeat, k, bal, tp, fn, tn, fp, early_hits):
+        seed0 = {"balanced_accuracy": bal, "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp),
+                 "roc_auc": 0.99, "early_sensitivity": early_hits / 4, "tp": tp, "fn": fn, "tn": tn, "fp": fp}
+        paths = [f"Early/e{i}.jpg" for i in range(4)] + ["Benign/b.jpg"]
+        p_all = [0.9] * early_hits + [0.1] * (4 - early_hits) + [0.2]
+        return {"repeat": repeat, "fold": k, "threshold": 0.5, "test_paths": paths, "p_all_colour": p_all,
+                "protocol": {"colour": {"seed0": seed0, "seeds": {"balanced_accuracy": {"min": bal}}}}}
+
+    accuracies = [0.95, 0.97, 0.98, 0.99, 0.94]
+    results = [fold(0, k, a, 40 + k, 2, 9, 1, 4 - (k == 0)) for k, a in enumerate(accuracies)]
+    results += [fold(1, 0, 0.96, 30, 5, 8, 2, 2)]
+    out = summary(results)
+    assert out["colour"]["balanced_accuracy"]["sd"] == pytest.approx(np.std(accuracies + [0.96], ddof=1))
+    assert out["colour"]["balanced_accuracy"]["sd"] > np.std(accuracies + [0.96])
+    first, second = out["pooled"]["0"], out["pooled"]["1"]
+    assert first["folds"] == 5 and second["folds"] == 1
+    tp = sum(40 + k for k in range(5))
+    assert (first["colour"]["tp"], first["colour"]["fn"], first["colour"]["tn"], first["colour"]["fp"]) == (tp, 10, 45, 5)
+    assert first["colour"]["sensitivity"] == pytest.approx(tp / (tp + 10))
+    assert first["colour"]["sensitivity_ci95"] == pytest.approx(list(wilson(tp, tp + 10)))
+    assert first["colour"]["specificity_ci95"] == pytest.approx(list(wilson(45, 50)))
+    assert first["colour"]["balanced_accuracy"] == pytest.approx((tp / (tp + 10) + 45 / 50) / 2)
+    assert (first["early"]["hits"], first["early"]["n"]) == (19, 20)
+    assert first["early"]["sensitivity_ci95"] == pytest.approx(list(wilson(19, 20)))
+    assert (second["early"]["hits"], second["early"]["n"]) == (2, 4)
