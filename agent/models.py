@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from agent.config import MODEL_NAME, Config
@@ -17,6 +18,20 @@ from model.classifier import Classifier, ModelError, artifact_path
 
 log = logging.getLogger("allds.models")
 REMEMBERED_BUNDLES = 32
+
+
+def _valid_state(state: object) -> bool:
+    """The state file's shape: names or null, a list of bundle digests, and signing times by model name."""
+    def is_time(value: object) -> bool:
+        try:
+            return isinstance(value, str) and datetime.fromisoformat(value).tzinfo is not None
+        except ValueError:
+            return False
+
+    return (isinstance(state, dict) and all(isinstance(state.get(k), str | None) for k in ("active", "previous"))
+            and isinstance(state.get("bundles", []), list) and all(isinstance(d, str) for d in state.get("bundles", []))
+            and isinstance(state.get("newest", {}), dict)
+            and all(isinstance(k, str) and is_time(v) for k, v in state.get("newest", {}).items()))
 
 
 @dataclass
@@ -38,6 +53,7 @@ class ModelStore:
         state = self._read_state()
         self.served = Served(state.get("active") or config.model.name, state.get("previous"))
         self._bundles: list[str] = state.get("bundles", [])
+        self._newest: dict[str, str] = state.get("newest", {})  # per model name, the latest `created` that went active
 
     def load(self, name: str) -> Classifier:
         """Model `name` of `model.dir`, verified; `ModelError` says why not."""
@@ -71,14 +87,20 @@ class ModelStore:
         return self.served.previous
 
     def seen(self, bundle_sha256: str) -> bool:
-        """A bundle handled before (a retained bundle comes again on every connect)."""
+        """A bundle that went active before (a retained bundle comes again on every connect)."""
         return bundle_sha256 in self._bundles
 
     def verify(self, data: bytes) -> VerifiedBundle:
-        """A delivered bundle, checked against the trusted keys (`BundleError`)."""
+        """A delivered bundle, checked against the trusted keys, and not older than the newest of its model that
+        went active here (`BundleError`): a signature proves who signed it, not that it is current. An older
+        model still serves by `Rollback` or `Reload` of its folder."""
         bundle = verify_bundle(data, self.trusted_keys, self.model.max_bundle_bytes)
         if self.model.variant not in bundle.card["artifacts"]:
             raise BundleError(f"the bundle has no {self.model.variant} artifact")
+        newest = self._newest.get(bundle.name)
+        if newest and bundle.created < datetime.fromisoformat(newest):
+            raise BundleError(f"the bundle of {bundle.name} {bundle.version} was signed {bundle.manifest['created']}, "
+                              f"older than the one active here before ({newest}): Rollback or Reload serve older models")
         return bundle
 
     def install(self, bundle: VerifiedBundle) -> tuple[str, Classifier, float]:
@@ -95,9 +117,14 @@ class ModelStore:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
 
-    def remember(self, bundle_sha256: str) -> None:
-        """A bundle was handled (accepted or not): its retained copy is not tried again on every connect."""
-        self._bundles = [*self._bundles, bundle_sha256][-REMEMBERED_BUNDLES:]
+    def remember(self, bundle: VerifiedBundle) -> None:
+        """A bundle went active: its retained copy is not installed again on every connect, and no bundle of
+        its model signed before it is taken. Only these are remembered: junk cannot push them out, and a
+        refusal the device's configuration or disk caused is retried when the bundle comes again."""
+        self._bundles = [*self._bundles, bundle.sha256][-REMEMBERED_BUNDLES:]
+        newest = self._newest.get(bundle.name)
+        if not newest or bundle.created > datetime.fromisoformat(newest):
+            self._newest = {**self._newest, bundle.name: bundle.manifest["created"]}
         self._write_state()
 
     def _read_state(self) -> dict:
@@ -105,7 +132,9 @@ class ModelStore:
             return {}
         try:
             state = json.loads(self.state_file.read_text())
-            return state if isinstance(state, dict) else {}
+            if not _valid_state(state):
+                raise ValueError("not the agent's model state")
+            return state
         except (OSError, ValueError) as exc:
             log.error("model state %s unreadable (%s); starting with model.name", self.state_file, exc)
             return {}
@@ -114,7 +143,8 @@ class ModelStore:
         """Atomically: a power cut leaves the old file or the new one."""
         if not self.state_file:
             return
-        state = {"active": self.served.active, "previous": self.served.previous, "bundles": self._bundles}
+        state = {"active": self.served.active, "previous": self.served.previous, "bundles": self._bundles,
+                 "newest": self._newest}
         try:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             partial = self.state_file.with_suffix(".partial")

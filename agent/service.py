@@ -498,9 +498,8 @@ class ClassificationService:
         reason, and the serving model stays."""
         digest = hashlib.sha256(message.payload).hexdigest()
         if self.store.seen(digest):
-            log.info("bundle %s on %s handled before; ignored", digest[:12], message.topic)
+            log.info("bundle %s on %s went active before; ignored", digest[:12], message.topic)
             return
-        self.store.remember(digest)
         model = {"name": None, "version": None, "sha256": None, "bundle": digest}
         log.info("bundle %s received on %s (%d bytes)", digest[:12], message.topic, len(message.payload))
         self.publish_model_state("received", model)
@@ -517,6 +516,7 @@ class ClassificationService:
             return
         log.info("bundle %s: %s %s verified (key %s), canary within %.4f", digest[:12], bundle.name, bundle.version,
                  bundle.key.name, worst)
+        self.store.remember(bundle)
         self._serve(name, "active", f"bundle {digest[:12]} signed by {bundle.key}", candidate, digest)
 
     def _command_error(self, message: Inbound, text: str) -> None:

@@ -4,10 +4,12 @@ Rollback; a restart serves the last active model."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -29,12 +31,14 @@ def bundles(tmp_path_factory, data_root) -> dict:
     b.keygen(keys / "stranger")
     trusted = b.load_private_key(keys / "trusted/signing.key")
     canary = b.make_canary(SHIPPED / "allds2020", data_root, 4)
+    older = b.build_bundle(SHIPPED / "allds2020", trusted, canary)
+    time.sleep(1.1)  # `created` counts seconds
     good = b.build_bundle(SHIPPED / "allds2020", trusted, canary)
     tampered = bytearray(good)
     tampered[len(good) // 2] ^= 0x01
     signature_end = len(b.MAGIC) + 4 + int.from_bytes(good[len(b.MAGIC):len(b.MAGIC) + 4], "big")
     wrong_canary = b.Canary(canary.inputs, {v: e[:, ::-1].copy() for v, e in canary.expected.items()}, canary.images)
-    return {"pub": keys / "trusted/signing.pub", "good": good,
+    return {"pub": keys / "trusted/signing.pub", "stranger_pub": keys / "stranger/signing.pub", "good": good, "older": older,
             "bad": {"tampered": (bytes(tampered), "bad signature"),
                     "stranger": (b.build_bundle(SHIPPED / "allds2020", b.load_private_key(keys / "stranger/signing.key"),
                                                 canary), "unknown key"),
@@ -109,6 +113,49 @@ def test_a_bad_bundle_fails_and_the_old_model_serves_on(broker, start_agent, bun
     client.close()
 
 
+def test_an_older_bundle_of_a_model_is_refused_whatever_came_between(broker, start_agent, bundles, models, tmp_path,
+                                                                     data_root):
+    """One operator message could roll a device back: a bundle of allds2020 signed before the one it runs went
+    active, and so did it after 32 junk payloads had pushed the newer one out of the agent's memory of
+    bundles handled (junk was remembered before it was checked)."""
+    image = (data_root / "Benign/WBC-Benign-004.jpg").read_bytes()
+    client = Client(broker.port).subscribe(f"{BASE}/#")
+    start_agent(broker.port, **delivery_config(models, bundles, tmp_path))
+    states(client, "active")
+    client.publish(MODEL, bundles["good"])
+    newer = states(client, "active")[-1]
+    for attempt, junk in (("first", []), ("after junk", [b"junk %d" % n for n in range(33)])):
+        for payload in junk:
+            client.publish(MODEL, payload)
+            assert "not an AllDS model bundle" in states(client, "failed")[-1]["reason"]
+        client.publish(MODEL, bundles["older"])
+        failed = states(client, "failed")[-1]
+        print(f"\nolder bundle, {attempt}: {failed['reason']}")
+        assert "older" in failed["reason"] and failed["serving"]["sha256"] == newer["sha256"], failed
+    assert diagnose(client, image, "after-older")["model"]["sha256"] == newer["sha256"]
+    client.close()
+
+
+def test_a_bundle_refused_for_want_of_its_key_is_taken_once_the_key_is_trusted(broker, start_agent, bundles, models,
+                                                                              tmp_path):
+    """A refusal the device's configuration caused is not remembered: the same bundle, delivered again after the
+    operator added its key, was "handled before; ignored" with no answer."""
+    client = Client(broker.port).subscribe(f"{BASE}/#")
+    agent = start_agent(broker.port, **delivery_config(models, bundles, tmp_path))
+    states(client, "active")
+    stranger = bundles["bad"]["stranger"][0]
+    client.publish(MODEL, stranger)
+    assert "unknown key" in states(client, "failed")[-1]["reason"]
+    assert agent.terminate() == 0
+    config = delivery_config(models, bundles, tmp_path)
+    config["model"]["trusted_keys"].append(str(bundles["stranger_pub"]))
+    start_agent(broker.port, name="trusting", **config)
+    states(client, "active")
+    client.publish(MODEL, stranger)
+    assert states(client, "active")[-1]["bundle"] == hashlib.sha256(stranger).hexdigest()
+    client.close()
+
+
 def test_the_fleet_topic_updates_a_pool_of_two_with_one_publish(broker, start_agent, bundles, models, tmp_path):
     zone = "allds-location/Devices/allds-zone"
     watcher = Client(broker.port).subscribe(f"{zone}/+/ModelState")
@@ -136,3 +183,21 @@ def test_the_fleet_topic_updates_a_pool_of_two_with_one_publish(broker, start_ag
             updated.add(message.topic)
     assert len(updated) == 2
     watcher.close()
+
+
+@pytest.mark.parametrize("state", [{"active": 5}, {"active": ["cellnet"]}, {"previous": {"x": 1}},
+                                   {"active": "cellnet", "bundles": None}, {"bundles": [1]},
+                                   {"newest": {"allds2020": "yesterday"}}, {"newest": []}])
+def test_a_model_state_file_of_the_wrong_shape_is_unreadable_not_fatal(tmp_path, models, state):
+    """A corrupt or hand-edited state file stopped the agent at start (a traceback, exit 1: systemd gives up
+    after ten) or broke every later delivery (`bundles: null`). It is read as unreadable: `model.name` serves."""
+    from agent.config import parse
+    from agent.models import ModelStore
+
+    state_file = tmp_path / "active.json"
+    state_file.write_text(json.dumps(state))
+    config = parse({"model": {"dir": str(models), "name": "allds2020", "state_file": str(state_file)}})
+    store = ModelStore(config)
+    assert store.start().name == "allds2020" and not store.seen("0" * 64)
+    store.activate("cellnet")  # and the next model change writes a good one
+    assert json.loads(state_file.read_text())["active"] == "cellnet" and ModelStore(config).served.previous == "allds2020"

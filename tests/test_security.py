@@ -266,3 +266,17 @@ def test_shipped_broker_configs_carry_the_largest_request_and_refuse_bigger_pack
     assert broker.log().count("disconnected due to oversize packet") == 2
     agent.close()
     broker.stop()
+
+
+def test_the_fleet_topic_carries_the_operators_deliveries_to_the_device_and_nobody_elses(secure_broker):
+    """`model.fleet_topic` (config/agent.yaml: `allds-location/Devices/allds-zone/Fleet/Models`) under the shipped
+    ACL: the operator's publish was refused and the device could not read it, so a fleet delivery failed silently."""
+    fleet = "allds-location/Devices/allds-zone/Fleet/Models"
+    device = user(secure_broker.port, "allds-agent").subscribe(fleet)
+    operator, requester = user(secure_broker.port, "allds-operator"), user(secure_broker.port, "allds-requester")
+    refused = requester.publish(fleet, b"not the operator's")
+    assert refused.is_failure and "authorized" in str(refused), refused
+    assert not operator.publish(fleet, b"operator's delivery").is_failure
+    assert device.expect(fleet, 10).payload == b"operator's delivery"
+    for client in (device, operator, requester):
+        client.close()
