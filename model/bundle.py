@@ -298,7 +298,7 @@ class VerifiedBundle:
         if variant not in self.canary.expected:
             raise BundleError(f"canary: the bundle has no expected outputs for the {variant} artifact")
         expected = self.canary.expected[variant]
-        worst = 0.0
+        worst, outputs = 0.0, []
         for i, x in enumerate(self.canary.inputs):
             out = np.asarray(classifier.classify(x[None]))
             if out.shape != expected[i : i + 1].shape or not np.all(np.isfinite(out)):
@@ -308,7 +308,23 @@ class VerifiedBundle:
                 raise BundleError(f"canary mismatch on image {i} ({self.canary.images[i]}): "
                                   f"max |Δp| {deviation:.4f} > {tolerance:.4f}")
             worst = max(worst, deviation)
+            outputs.append(out[0])
+        self._check_classes(classifier, np.array(outputs))
         return worst
+
+    def _check_classes(self, classifier: Classifier, outputs: np.ndarray) -> None:
+        """The canary images are held-out images of known class (their folders): of those the card's classes
+        decide confidently (P(ALL) at most 0.1 or at least 0.9), at least half must be decided as their folders
+        say. The raw outputs cannot tell a card whose class names are swapped; this can."""
+        from model.data import label_from_path
+
+        p_all = classifier.p_all(outputs)
+        judged = [(p >= 0.9, label) for p, label in zip(p_all, map(label_from_path, self.canary.images), strict=True)
+                  if label is not None and (p >= 0.9 or p <= 0.1)]
+        against = sum(positive != bool(label) for positive, label in judged)
+        if len(judged) >= 2 and 2 * against > len(judged):
+            raise BundleError(f"canary: the card's classes contradict its images: {against} of the {len(judged)} "
+                              "decided confidently are decided against their class folders")
 
 
 def canary_tolerance(classifier: Classifier) -> float:

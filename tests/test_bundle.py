@@ -327,3 +327,20 @@ def test_the_default_canary_allows_one_step_of_its_int8_logits_and_no_more(keys,
         else:
             with pytest.raises(b.BundleError, match="canary mismatch"):
                 bundle.check_canary(classifier)
+
+
+def test_a_signed_card_whose_classes_contradict_the_canary_images_is_refused(keys, canary, tmp_path):
+    """A trusted signer's card with its classes swapped (the same artifact, name and version) passed the canary,
+    which compares raw outputs only, and turned every answer round: Benign smears Positive at 0.94-0.98. The
+    canary images are held-out images of known class: the ones the model decides confidently must mostly be
+    decided as their folders say."""
+    import shutil
+
+    folder = tmp_path / "swapped" / "cellnet"
+    shutil.copytree(CELLNET, folder)
+    card = read_card(folder)
+    (folder / "model_card.json").write_text(json.dumps({**card, "classes": card["classes"][::-1]}, indent=2))
+    bundle = b.verify_bundle(b.build_bundle(folder, keys["key"], canary), [keys["pub"]], LIMIT)
+    installed = bundle.install(tmp_path / "models")
+    with pytest.raises(b.BundleError, match="contradict"):
+        bundle.check_canary(Classifier.load(installed / card["artifacts"]["int8"]["file"]))
