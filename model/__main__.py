@@ -59,7 +59,7 @@ def cmd_grouped_split(args: argparse.Namespace) -> None:
 
 
 def cmd_cv(args: argparse.Namespace) -> None:
-    from model.cv import cross_validate, trial
+    from model.cv import card_headline, cross_validate, trial
 
     if args.trial:
         result = trial(data.data_root(args.data), args.arch, args.epochs, args.seed, Path(args.out) if args.out else None,
@@ -71,8 +71,12 @@ def cmd_cv(args: argparse.Namespace) -> None:
     only = set(args.only.split(",")) if args.only else None
     result = cross_validate(data.data_root(args.data), args.arch, args.folds, args.repeats, args.seed, args.epochs,
                             Path(args.out) if args.out else None, only, args.classes)
-    if args.store:
-        (Path(args.store) / "cv_grouped.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.store:  # the summary beside the artifacts, its headline in their card
+        store = Path(args.store)
+        (store / "cv_grouped.json").write_text(json.dumps(result, indent=2) + "\n")
+        card = read_card(store)
+        card["metrics"]["cv_grouped"] = card_headline(result)
+        (store / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -116,6 +116,18 @@ def pooled(results: list[dict]) -> dict:
     return out
 
 
+def card_headline(summary: dict) -> dict:
+    """What a model card quotes of its recipe's CV summary: folds, balanced accuracy and AUC over folds (colour),
+    and each repeat's pooled sensitivity, specificity and Early pre-B sensitivity with Wilson intervals."""
+    colour = summary["colour"]
+    return {"summary": "cv_grouped.json", "folds": summary["folds"], "balanced_accuracy": colour["balanced_accuracy"],
+            "roc_auc": colour["roc_auc"],
+            "pooled": {repeat: {"folds": p["folds"], **{k: p["colour"][k] for k in (
+                "sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "balanced_accuracy")},
+                "early_sensitivity": p["early"]["sensitivity"], "early_sensitivity_ci95": p["early"]["sensitivity_ci95"]}
+                for repeat, p in summary.get("pooled", {}).items()}}
+
+
 def summary(results: list[dict]) -> dict:
     """Mean and sample sd over folds of each seed-0 metric per variant (and of the per-fold min over seeds), each
     repeat's folds pooled (`pooled`), and the served band's figures pooled over the folds that estimated it, with

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -155,3 +157,20 @@ def test_the_cv_summary_gives_the_sample_sd_and_each_repeats_pooled_counts_with_
     assert (first["early"]["hits"], first["early"]["n"]) == (19, 20)
     assert first["early"]["sensitivity_ci95"] == pytest.approx(list(wilson(19, 20)))
     assert (second["early"]["hits"], second["early"]["n"]) == (2, 4)
+
+
+def test_the_default_card_leads_with_its_recipes_grouped_cv_as_stored_beside_it():
+    """The card carries the headline of the CV summary stored beside it (`python -m model cv --store`): folds,
+    balanced accuracy and AUC over folds, and each repeat's pooled sensitivity, specificity and Early pre-B with
+    their intervals, so the card cannot quote a summary other than the one it ships with."""
+    from model.classifier import DEFAULT_ARTIFACT, read_card
+    from model.cv import card_headline
+
+    folder = DEFAULT_ARTIFACT.parent
+    stored = json.loads((folder / "cv_grouped.json").read_text())
+    headline = read_card(folder)["metrics"]["cv_grouped"]
+    assert headline == card_headline(stored)
+    assert headline["folds"] == stored["folds"] >= 5 and headline["balanced_accuracy"] == stored["colour"]["balanced_accuracy"]
+    for repeat in headline["pooled"].values():
+        low, high = repeat["sensitivity_ci95"]
+        assert low < repeat["sensitivity"] < high and "early_sensitivity_ci95" in repeat
