@@ -97,6 +97,9 @@ class ModelStore:
         bundle = verify_bundle(data, self.trusted_keys, self.model.max_bundle_bytes)
         if self.model.variant not in bundle.card["artifacts"]:
             raise BundleError(f"the bundle has no {self.model.variant} artifact")
+        if not MODEL_NAME.fullmatch(bundle.folder_name):  # Reload and the state file name it by its folder
+            raise BundleError(f"the bundle's folder name {bundle.folder_name[:40]}... is longer than a model name may "
+                              "be (128 characters): shorten its model name or version")
         newest = self._newest.get(bundle.name)
         if newest and bundle.created < datetime.fromisoformat(newest):
             raise BundleError(f"the bundle of {bundle.name} {bundle.version} was signed {bundle.manifest['created']}, "

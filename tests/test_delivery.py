@@ -201,3 +201,21 @@ def test_a_model_state_file_of_the_wrong_shape_is_unreadable_not_fatal(tmp_path,
     assert store.start().name == "allds2020" and not store.seen("0" * 64)
     store.activate("cellnet")  # and the next model change writes a good one
     assert json.loads(state_file.read_text())["active"] == "cellnet" and ModelStore(config).served.previous == "allds2020"
+
+
+def test_a_bundle_whose_folder_name_no_reload_could_name_is_refused_before_it_installs(tmp_path, data_root):
+    """A signed bundle of a 120-character model name verified and installed as `<name>@<version>-<sha12>`, a
+    folder `Reload` and the state file then refused as "not a model name"."""
+    from agent.config import parse
+    from agent.models import ModelStore
+
+    folder = tmp_path / "long" / "allds2020"
+    shutil.copytree(SHIPPED / "allds2020", folder)
+    card = json.loads((folder / "model_card.json").read_text())
+    (folder / "model_card.json").write_text(json.dumps({**card, "name": "a" * 120}, indent=2))
+    b.keygen(tmp_path / "keys")
+    data = b.build_bundle(folder, b.load_private_key(tmp_path / "keys/signing.key"), b.make_canary(folder, data_root, 2))
+    config = parse({"model": {"dir": str(tmp_path / "models"), "trusted_keys": [str(tmp_path / "keys/signing.pub")],
+                              "state_file": str(tmp_path / "active.json")}})
+    with pytest.raises(b.BundleError, match="longer than a model name"):
+        ModelStore(config).verify(data)
