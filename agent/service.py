@@ -498,7 +498,9 @@ class ClassificationService:
         reason, and the serving model stays."""
         digest = hashlib.sha256(message.payload).hexdigest()
         if self.store.seen(digest):
-            log.info("bundle %s on %s went active before; ignored", digest[:12], message.topic)
+            log.info("bundle %s on %s went active before; not installed again", digest[:12], message.topic)
+            if not message.retain:  # a live delivery is answered; a retained copy comes again on every connect
+                self._answer_known_bundle(digest)
             return
         model = {"name": None, "version": None, "sha256": None, "bundle": digest}
         log.info("bundle %s received on %s (%d bytes)", digest[:12], message.topic, len(message.payload))
@@ -518,6 +520,14 @@ class ClassificationService:
                  bundle.key.name, worst)
         self.store.remember(bundle)
         self._serve(name, "active", f"bundle {digest[:12]} signed by {bundle.key}", candidate, digest)
+
+    def _answer_known_bundle(self, digest: str) -> None:
+        """`ModelState` for a bundle that went active here before: `active` while it serves, else `failed`."""
+        if self.store.served.active.endswith(f"-{digest[:12]}"):
+            self.publish_model_state("active", {**self.model, "bundle": digest}, "delivered again: already serving")
+        else:
+            self.publish_model_state("failed", {"name": None, "version": None, "sha256": None, "bundle": digest},
+                                     "went active here before and was replaced since: Reload its folder to serve it")
 
     def _command_error(self, message: Inbound, text: str) -> None:
         self._send_error(message, "bad_command", text, None, None, on_acked=lambda _: self.session.ack(message))

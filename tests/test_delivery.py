@@ -113,6 +113,27 @@ def test_a_bad_bundle_fails_and_the_old_model_serves_on(broker, start_agent, bun
     client.close()
 
 
+def test_a_bundle_delivered_again_is_answered_not_ignored_in_silence(broker, start_agent, bundles, models, tmp_path):
+    """`publish_model` sent a bundle the device had taken already and waited in vain ("no answer", exit 1): the
+    agent ignored it without a word. A live delivery is answered: `active` while that bundle serves, `failed` with
+    how to serve it again once another model replaced it (a retained copy on every connect is still ignored)."""
+    client = Client(broker.port).subscribe(f"{BASE}/#")
+    start_agent(broker.port, **delivery_config(models, bundles, tmp_path))
+    states(client, "active")
+    digest = hashlib.sha256(bundles["good"]).hexdigest()
+    client.publish(MODEL, bundles["good"])
+    states(client, "active")
+    client.publish(MODEL, bundles["good"])
+    again = states(client, "active")[-1]
+    assert again["bundle"] == digest and "already" in again["reason"] and again["serving"]["name"] == "allds2020"
+    client.publish(COMMANDS, json.dumps({"From": "operator", "Type": "Rollback"}))
+    states(client, "rolled_back")
+    client.publish(MODEL, bundles["good"])
+    refused = states(client, "failed")[-1]
+    assert refused["bundle"] == digest and "Reload" in refused["reason"] and refused["serving"]["name"] == "cellnet"
+    client.close()
+
+
 def test_an_older_bundle_of_a_model_is_refused_whatever_came_between(broker, start_agent, bundles, models, tmp_path,
                                                                      data_root):
     """One operator message could roll a device back: a bundle of allds2020 signed before the one it runs went
