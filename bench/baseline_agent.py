@@ -3,6 +3,7 @@ per request on the `.keras` model, paho with default sockets (no TCP_NODELAY), o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -25,7 +26,8 @@ def main(port: int, model_path: str, request_topic: str, status_topic: str, repl
         correlation = getattr(message.properties, "CorrelationData", b"")
         props = Properties(PacketTypes.PUBLISH)
         props.CorrelationData = correlation
-        body = {"id": correlation.decode(), "diagnosis": "Positive" if p[1] >= 0.5 else "Negative",
+        body = {"id": correlation.decode(), "sha256": hashlib.sha256(message.payload).hexdigest(),  # replay checks it
+                "diagnosis": "Positive" if p[1] >= 0.5 else "Negative",
                 "probabilities": {"Benign": float(p[0]), "ALL": float(p[1])}}
         c.publish(getattr(message.properties, "ResponseTopic", None) or reply_topic, json.dumps(body), qos=1,
                   properties=props)
