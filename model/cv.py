@@ -93,6 +93,14 @@ def _with_ci(hits: int, n: int) -> tuple[float, list[float]]:
     return hits / max(n, 1), list(wilson(hits, n))
 
 
+def _scored(counts: dict) -> dict:
+    """Confusion counts with their sensitivity and specificity, each with its Wilson 95 % interval."""
+    sensitivity, sensitivity_ci = _with_ci(counts["tp"], counts["tp"] + counts["fn"])
+    specificity, specificity_ci = _with_ci(counts["tn"], counts["tn"] + counts["fp"])
+    return {**counts, "sensitivity": sensitivity, "sensitivity_ci95": sensitivity_ci, "specificity": specificity,
+            "specificity_ci95": specificity_ci}
+
+
 def pooled(results: list[dict]) -> dict:
     """Each repeat's folds pooled (its test parts hold every image once): per variant the seed-0 counts, with
     sensitivity, specificity (Wilson 95 %, images as units) and balanced accuracy; and Early pre-B, counted from
@@ -102,12 +110,8 @@ def pooled(results: list[dict]) -> dict:
         folds = [r for r in results if r["repeat"] == repeat]
         entry = {"folds": len(folds)}
         for variant in folds[0]["protocol"]:
-            counts = {k: sum(f["protocol"][variant]["seed0"][k] for f in folds) for k in ("tp", "fn", "tn", "fp")}
-            sensitivity, sensitivity_ci = _with_ci(counts["tp"], counts["tp"] + counts["fn"])
-            specificity, specificity_ci = _with_ci(counts["tn"], counts["tn"] + counts["fp"])
-            entry[variant] = {**counts, "sensitivity": sensitivity, "sensitivity_ci95": sensitivity_ci,
-                              "specificity": specificity, "specificity_ci95": specificity_ci,
-                              "balanced_accuracy": (sensitivity + specificity) / 2}
+            scored = _scored({k: sum(f["protocol"][variant]["seed0"][k] for f in folds) for k in ("tp", "fn", "tn", "fp")})
+            entry[variant] = {**scored, "balanced_accuracy": (scored["sensitivity"] + scored["specificity"]) / 2}
         early = [p >= f["threshold"] for f in folds for path, p in zip(f["test_paths"], f["p_all_colour"], strict=True)
                  if path.startswith("Early/")]
         sensitivity, ci = _with_ci(sum(early), len(early))
@@ -145,12 +149,8 @@ def summary(results: list[dict]) -> dict:
         n, borderline = sum(b["n"] for b in bands.values()), sum(b["borderline"] for b in bands.values())
         benign = sum(r["benign"]["test"] for r in results if "served_band" in r)
         benign_borderline = benign - counts["tn"] - counts["fp"]
-        out["served_band"] = {"folds": sorted(bands), "n": n, "borderline": borderline, **counts,
+        out["served_band"] = {"folds": sorted(bands), "n": n, "borderline": borderline, **_scored(counts),
                               "borderline_share": borderline / n,
-                              "sensitivity": counts["tp"] / max(counts["tp"] + counts["fn"], 1),
-                              "sensitivity_ci95": list(wilson(counts["tp"], counts["tp"] + counts["fn"])),
-                              "specificity": counts["tn"] / max(counts["tn"] + counts["fp"], 1),
-                              "specificity_ci95": list(wilson(counts["tn"], counts["tn"] + counts["fp"])),
                               "benign_borderline": benign_borderline, "benign_borderline_share": benign_borderline / benign,
                               "all_borderline": borderline - benign_borderline,
                               "all_borderline_share": (borderline - benign_borderline) / (n - benign)}
